@@ -1,0 +1,92 @@
+"""Settings read once from the environment (and `.env`), validated, then passed in.
+
+Each variable has one small parser; a bad value raises ConfigError naming the variable,
+which the entry points turn into a one-line message and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+from dotenv import load_dotenv
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    db_path: str = "records.db"
+    log_level: str = "INFO"
+    max_body_bytes: int = 1_048_576
+    max_batch_bytes: int = 16_777_216
+    auth: str = "required"
+    synchronous: str = "NORMAL"
+    busy_timeout_ms: int = 5_000
+
+
+def _text(name: str, raw: str) -> str:
+    if not raw.strip():
+        raise ConfigError(f"{name} must not be empty")
+    return raw
+
+
+def _log_level(name: str, raw: str) -> str:
+    level = raw.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"{name} must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL (got {raw!r})")
+    return level
+
+
+def _positive_int(name: str, raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number of bytes or milliseconds (got {raw!r})") from None
+    if value < 1:
+        raise ConfigError(f"{name} must be at least 1 (got {raw!r})")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip()
+        matches = [a for a in allowed if a.lower() == value.lower()]
+        if not matches:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)} (got {raw!r})")
+        return matches[0]
+
+    return parse
+
+
+_PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
+    "RECORDS_DB_PATH": ("db_path", _text),
+    "RECORDS_LOG_LEVEL": ("log_level", _log_level),
+    "RECORDS_MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
+    "RECORDS_MAX_BATCH_BYTES": ("max_batch_bytes", _positive_int),
+    "RECORDS_AUTH": ("auth", _choice("required", "disabled")),
+    "RECORDS_SYNCHRONOUS": ("synchronous", _choice("NORMAL", "FULL")),
+    "RECORDS_BUSY_TIMEOUT_MS": ("busy_timeout_ms", _positive_int),
+}
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Build Settings from an environment mapping; unset variables keep their defaults."""
+    values = {
+        field: parse(name, environ[name])
+        for name, (field, parse) in _PARSERS.items()
+        if name in environ
+    }
+    return Settings(**values)
+
+
+def load_dotenv_file(directory: Path | None = None) -> None:
+    """Load `.env` from the working directory (or `directory`); the real environment wins.
+
+    The path is explicit because python-dotenv's default search starts from the calling
+    file, not from where the operator ran the command.
+    """
+    load_dotenv((directory or Path.cwd()) / ".env", override=False)

@@ -1,0 +1,188 @@
+"""The only module that speaks SQL: one connection per process, migrations, writes, queries.
+
+Every write goes through `Store._write`, which opens `BEGIN IMMEDIATE` (so a write never
+starts as a reader and fails with SQLITE_BUSY at upgrade), waits for other writers up to the
+busy bound, and commits or rolls back, logging which. Stored records keep their response
+JSON (`doc`) next to the indexed columns, so a list is answered by joining stored bodies
+instead of rebuilding and re-encoding every record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+from typing import Callable, Iterable, TypeVar
+
+from .errors import DuplicateRecord, StoreBusy, StoreUnavailable
+from .validate import timestamp_sort_key
+
+log = logging.getLogger("records_service.store")
+
+T = TypeVar("T")
+
+_BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+
+# Each entry moves the schema from version N-1 to N. Never edit one that has shipped: add one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE records (
+        seq          INTEGER PRIMARY KEY,   -- ingest order: lists are ordered and paged by it
+        test_id      TEXT NOT NULL UNIQUE,
+        clinic_id    TEXT NOT NULL,
+        patient_id   TEXT NOT NULL,
+        test_type    TEXT NOT NULL,
+        status       TEXT NOT NULL,
+        collected_at TEXT NOT NULL,         -- fixed-width UTC, so text order is time order
+        created_at   TEXT NOT NULL,
+        updated_at   TEXT NOT NULL,
+        version      INTEGER NOT NULL,
+        request_id   TEXT NOT NULL,
+        doc          TEXT NOT NULL          -- the record exactly as the API returns it
+    );
+    CREATE INDEX records_by_clinic ON records (clinic_id, seq);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) in _BUSY_CODES
+
+
+class Store:
+    """Owns this process's SQLite connection, opened lazily so it is never carried across fork()."""
+
+    def __init__(self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000) -> None:
+        self._path = path
+        self._synchronous = synchronous
+        self._busy_timeout_ms = busy_timeout_ms
+        self._conn: sqlite3.Connection | None = None
+        self._pid: int | None = None
+
+    # -- connection and schema -------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():
+            self._conn = None
+            self._conn = self._open()
+            self._pid = os.getpid()
+        return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            # isolation_level=None: no implicit transactions; _write says BEGIN and COMMIT itself.
+            conn = sqlite3.connect(self._path, isolation_level=None, timeout=self._busy_timeout_ms / 1000)
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+                raise StoreUnavailable("the database could not be switched to WAL mode")
+            conn.execute(f"PRAGMA synchronous = {'FULL' if self._synchronous == 'FULL' else 'NORMAL'}")
+            self._migrate(conn)
+        except sqlite3.Error as exc:
+            if _is_busy(exc):
+                raise StoreBusy() from exc
+            raise StoreUnavailable(f"cannot open database: {exc}") from exc
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Apply missing migrations; BEGIN IMMEDIATE makes concurrent starters take turns."""
+        if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in _statements(MIGRATIONS[version - 1]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {version}")
+                log.info("schema migrated", extra={"schema_version": version})
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def open(self) -> None:
+        """Open (and migrate) now rather than at the first request."""
+        self._connection()
+
+    def close(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn = None
+
+    def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in one BEGIN IMMEDIATE transaction; the only place that begins or commits."""
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                log.warning("database busy past %d ms; write refused", self._busy_timeout_ms)
+                raise StoreBusy() from exc
+            raise
+        try:
+            result = work(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            log.info("transaction rolled back")
+            raise
+        return result
+
+    def _read(self, sql: str, params: Iterable = ()) -> list[tuple]:
+        try:
+            return self._connection().execute(sql, tuple(params)).fetchall()
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                raise StoreBusy() from exc
+            raise
+
+    # -- records ---------------------------------------------------------------------------
+
+    def insert(self, record: dict, *, request_id: str, now: str) -> str:
+        """Store a new record at version 1 and return its JSON; DuplicateRecord if the id exists."""
+        stored = {**record, "created_at": now, "updated_at": now, "version": 1, "request_id": request_id}
+        doc = json.dumps(stored, ensure_ascii=False)
+
+        def work(conn: sqlite3.Connection) -> str:
+            try:
+                conn.execute(
+                    "INSERT INTO records (test_id, clinic_id, patient_id, test_type, status, collected_at,"
+                    " created_at, updated_at, version, request_id, doc)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)",
+                    (record["test_id"], record["clinic_id"], record["patient_id"], record["test_type"],
+                     record["status"], timestamp_sort_key(record["collected_at"]), now, now, request_id, doc),
+                )
+            except sqlite3.IntegrityError:
+                existing = conn.execute("SELECT doc FROM records WHERE test_id = ?", (record["test_id"],)).fetchone()
+                raise DuplicateRecord(json.loads(existing[0])) from None
+            return doc
+
+        try:
+            doc = self._write(work)
+        except DuplicateRecord:
+            log.info("record not stored: test_id exists", extra={"test_id": record["test_id"]})
+            raise
+        log.info("committed", extra={"test_id": record["test_id"], "version": 1})
+        return doc
+
+    def list_clinic_json(self, clinic_id: str) -> tuple[str, int]:
+        """The clinic's records, oldest ingested first, as a JSON array text and its length."""
+        rows = self._read("SELECT doc FROM records WHERE clinic_id = ? ORDER BY seq", (clinic_id,))
+        return "[" + ",".join(row[0] for row in rows) + "]", len(rows)
+
+    def get(self, test_id: str) -> dict | None:
+        rows = self._read("SELECT doc FROM records WHERE test_id = ?", (test_id,))
+        return json.loads(rows[0][0]) if rows else None
+
+    def count(self) -> int:
+        return self._read("SELECT count(*) FROM records")[0][0]
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements so they run inside our transaction.
+
+    `executescript()` would COMMIT first; migrations contain no semicolons inside strings.
+    """
+    return [s.strip() for s in script.split(";") if s.strip()]

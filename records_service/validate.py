@@ -1,0 +1,247 @@
+"""Strict JSON parsing and record validation: pure functions, no HTTP, no database.
+
+`parse_json` turns bytes into Python values without the lenient defaults of `json.loads`
+(NaN/Infinity, last-duplicate-key-wins). `validate_record` takes the parsed document and
+returns a clean, normalised record or the list of every failing field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:-]*$"
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*", re.ASCII)
+# Unicode category Cc: C0 controls, DEL and C1 controls.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_EXCEPT_TAB_NL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
+_RFC3339_RE = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+    r"(?:\.([0-9]{1,9}))?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))",
+    re.ASCII,
+)
+
+CLIENT_STATUSES = ("preliminary", "final", "corrected", "cancelled")
+CLIENT_FIELDS = (
+    "test_id", "clinic_id", "patient_id", "test_type", "result",
+    "unit", "status", "collected_at", "notes",
+)
+REQUIRED_FIELDS = ("test_id", "clinic_id", "patient_id", "test_type", "result", "collected_at")
+OPTIONAL_DEFAULTS = {"unit": None, "status": "final", "notes": None}
+
+MAX_ID_CHARS = 64
+MAX_TEST_TYPE_CHARS = 64
+MAX_RESULT_CHARS = 1024
+MAX_UNIT_CHARS = 32
+MAX_NOTES_CHARS = 2000
+MAX_FUTURE = timedelta(minutes=5)
+EARLIEST_COLLECTED = datetime(1900, 1, 1, tzinfo=timezone.utc)
+
+FieldError = dict  # {"field": str | None, "message": str}
+
+
+class MalformedJSON(ValueError):
+    """The body is not parseable JSON; the message says where, never echoes the body."""
+
+
+class NonFinite:
+    """Stands in for NaN/Infinity so the validator can name the field that carried it."""
+
+    def __init__(self, literal: str) -> None:
+        self.literal = literal
+
+    def __repr__(self) -> str:
+        return self.literal
+
+
+class JSONObject(dict):
+    """A parsed object that remembers keys it saw more than once (json keeps only the last)."""
+
+    duplicate_keys: tuple[str, ...] = ()
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    obj = JSONObject(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        obj.duplicate_keys = tuple(k for k, _ in pairs if k in seen or seen.add(k))
+    return obj
+
+
+_decoder = json.JSONDecoder(object_pairs_hook=_object_pairs, parse_constant=NonFinite)
+
+
+def parse_json(body: bytes) -> Any:
+    """Decode UTF-8 JSON strictly; raise MalformedJSON with a client-safe message."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedJSON(f"the body is not valid UTF-8 (byte {exc.start})") from None
+    if not text.strip():
+        raise MalformedJSON("the body is empty; expected a JSON document")
+    try:
+        return _decoder.decode(text)
+    except json.JSONDecodeError as exc:
+        raise MalformedJSON(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise MalformedJSON("the body is not acceptable JSON: nested too deeply") from None
+    except ValueError:
+        # int() refuses numbers with thousands of digits (CPython's int_max_str_digits).
+        raise MalformedJSON("the body is not acceptable JSON: a number has too many digits") from None
+
+
+def _error(field: str | None, message: str) -> FieldError:
+    return {"field": field, "message": message}
+
+
+def _check_string(value: Any, *, min_len: int, max_len: int, control: re.Pattern | None) -> str | None:
+    """Return what is wrong with a string value, or None when it is fine."""
+    if not isinstance(value, str):
+        return "must be a string"
+    if len(value) < min_len:
+        return "must not be empty"
+    if len(value) > max_len:
+        return f"must be at most {max_len} characters (got {len(value)})"
+    if _SURROGATE_RE.search(value):
+        return "must be valid Unicode (no lone surrogates)"
+    if control is not None and control.search(value):
+        return "must not contain control characters"
+    return None
+
+
+def check_id(value: Any) -> str | None:
+    """What is wrong with an id (test_id, clinic_id, patient_id), or None."""
+    if not isinstance(value, str):
+        return "must be a string"
+    if not 1 <= len(value) <= MAX_ID_CHARS:
+        return f"must be 1 to {MAX_ID_CHARS} characters (got {len(value)})"
+    if not _ID_RE.fullmatch(value):
+        return f"must match {ID_PATTERN}"
+    return None
+
+
+def _check_result(value: Any) -> str | None:
+    # bool is a subclass of int in Python: test it first or `true` would pass as 1.
+    if isinstance(value, bool):
+        return "must be a number or a string, not a boolean"
+    if isinstance(value, NonFinite):
+        return f"must be a finite number ({value.literal} is not allowed)"
+    if isinstance(value, int):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "must be a finite number (out of range)"
+    if isinstance(value, str):
+        return _check_string(value, min_len=1, max_len=MAX_RESULT_CHARS, control=_CONTROL_EXCEPT_TAB_NL_RE)
+    return "must be a number or a string"
+
+
+def _check_optional_string(value: Any, max_len: int, control: re.Pattern | None) -> str | None:
+    if value is None:
+        return None
+    return _check_string(value, min_len=0, max_len=max_len, control=control)
+
+
+def parse_timestamp(value: Any, now: datetime) -> tuple[str | None, str | None]:
+    """Parse an RFC 3339 date-time with offset; return (normalised UTC string, None) or (None, problem).
+
+    Fractional seconds are kept digit for digit: offsets are whole minutes, so moving to UTC
+    never touches them.
+    """
+    if not isinstance(value, str):
+        return None, "must be a string"
+    match = _RFC3339_RE.fullmatch(value)
+    if not match:
+        return None, "must be an RFC 3339 date-time with an offset, e.g. 2024-05-01T10:00:00Z or 2024-05-01T10:00:00+05:30"
+    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
+    if zulu:
+        offset = timedelta(0)
+    else:
+        if int(off_h) > 23 or int(off_m) > 59:
+            return None, "has an impossible offset"
+        offset = timedelta(hours=int(off_h), minutes=int(off_m)) * (1 if sign == "+" else -1)
+    try:
+        local = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second),
+                         tzinfo=timezone(offset))
+        utc = local.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        return None, "is not a real date and time"
+    if utc < EARLIEST_COLLECTED:
+        return None, "must not be before 1900-01-01T00:00:00Z"
+    if utc > now + MAX_FUTURE:
+        return None, "must not be more than 5 minutes in the future"
+    normalised = utc.strftime("%Y-%m-%dT%H:%M:%S") + (f".{fraction}" if fraction else "") + "Z"
+    return normalised, None
+
+
+def timestamp_sort_key(normalised: str) -> str:
+    """A fixed-width form of a normalised UTC timestamp, so text order is time order."""
+    base, _, rest = normalised.rstrip("Z").partition(".")
+    return f"{base}.{rest.ljust(9, '0')}Z"
+
+
+def validate_record(doc: Any, now: datetime) -> tuple[dict | None, list[FieldError]]:
+    """Check a parsed document against the record rules.
+
+    Returns (record, []) with every client field present and normalised, or (None, errors)
+    with one error per failing field, all of them at once.
+    """
+    if not isinstance(doc, dict):
+        return None, [_error(None, "the record must be a JSON object")]
+
+    errors: list[FieldError] = []
+    duplicates = set(getattr(doc, "duplicate_keys", ()))
+    for key in sorted(duplicates):
+        errors.append(_error(key, "appears more than once in the object"))
+    for key in doc:
+        if key not in CLIENT_FIELDS:
+            errors.append(_error(key, "is not a known field"))
+    for key in REQUIRED_FIELDS:
+        if key not in doc and key not in duplicates:
+            errors.append(_error(key, "is required"))
+
+    record = {name: doc.get(name, default) for name, default in OPTIONAL_DEFAULTS.items()}
+    checks = {
+        "test_id": check_id,
+        "clinic_id": check_id,
+        "patient_id": check_id,
+        "result": _check_result,
+        "unit": lambda v: _check_optional_string(v, MAX_UNIT_CHARS, _CONTROL_RE),
+        "notes": lambda v: _check_optional_string(v, MAX_NOTES_CHARS, None),
+        "status": lambda v: None if v in CLIENT_STATUSES else f"must be one of {', '.join(CLIENT_STATUSES)}",
+    }
+    for name, check in checks.items():
+        if name in doc and name not in duplicates:
+            problem = check(doc[name])
+            if problem:
+                errors.append(_error(name, problem))
+            else:
+                record[name] = doc[name]
+
+    if "test_type" in doc and "test_type" not in duplicates:
+        value = doc["test_type"]
+        trimmed = value.strip() if isinstance(value, str) else value
+        problem = _check_string(trimmed, min_len=1, max_len=MAX_TEST_TYPE_CHARS, control=_CONTROL_RE)
+        if problem:
+            errors.append(_error("test_type", problem + (" after trimming" if problem == "must not be empty" else "")))
+        else:
+            record["test_type"] = trimmed
+
+    if "collected_at" in doc and "collected_at" not in duplicates:
+        normalised, problem = parse_timestamp(doc["collected_at"], now)
+        if problem:
+            errors.append(_error("collected_at", problem))
+        else:
+            record["collected_at"] = normalised
+
+    if errors:
+        return None, errors
+    return {name: record[name] for name in CLIENT_FIELDS}, []
+
+
+def client_fields(stored: dict) -> dict:
+    """The client-supplied part of a stored record, for comparing a retry with what is stored."""
+    return {name: stored[name] for name in CLIENT_FIELDS}
