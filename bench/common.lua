@@ -1,0 +1,25 @@
+-- Shared by post_tests.lua and get_tests.lua (loaded with dofile from the same directory):
+-- thread numbering, and a done() that prints one machine-readable line for bench_core.py.
+
+local threads = {}
+local thread_count = 0
+
+function setup(thread)
+   thread:set("thread_no", thread_count)
+   thread_count = thread_count + 1
+   table.insert(threads, thread)
+end
+
+-- wrk calls done() once, in the main Lua state, after every thread has stopped.
+-- summary.errors.status counts responses with status >= 400 (wrk's "Non-2xx or 3xx").
+function done(summary, latency, requests)
+   local e = summary.errors
+   local seconds = summary.duration / 1e6
+   io.write(string.format(
+      'BENCH_RESULT {"requests": %d, "duration_s": %.3f, "rps": %.2f, "p50_ms": %.3f, "p90_ms": %.3f, '
+      .. '"p99_ms": %.3f, "max_ms": %.3f, "bytes": %d, "non2xx": %d, "connect_errors": %d, '
+      .. '"read_errors": %d, "write_errors": %d, "timeouts": %d}\n',
+      summary.requests, seconds, summary.requests / seconds,
+      latency:percentile(50) / 1000, latency:percentile(90) / 1000, latency:percentile(99) / 1000,
+      latency.max / 1000, summary.bytes, e.status, e.connect, e.read, e.write, e.timeout))
+end

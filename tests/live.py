@@ -1,0 +1,114 @@
+"""Real gunicorn processes on loopback, and a minimal stdlib HTTP client to talk to them."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def request(port: int, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 30) -> Response:
+    headers = dict(headers or {})
+    if body is not None and not isinstance(body, (bytes, str)):
+        body = json.dumps(body)
+        headers.setdefault("Content-Type", "application/json")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()
+
+
+@dataclass
+class Server:
+    """One gunicorn master (in its own process group) started with the project's gunicorn.conf.py."""
+
+    db_path: Path
+    log_path: Path
+    workers: int = 3
+    env: dict = field(default_factory=dict)
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    def start(self, deadline_s: float = 20) -> "Server":
+        self.port = free_port()
+        env = {**os.environ, "RECORDS_DB_PATH": str(self.db_path), "RECORDS_AUTH": "disabled", **self.env}
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [GUNICORN, "-c", str(REPO / "gunicorn.conf.py"), "-b", f"127.0.0.1:{self.port}", "-w", str(self.workers)],
+            cwd=self.log_path.parent, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.wait_until_serving(deadline_s)
+        return self
+
+    def wait_until_serving(self, deadline_s: float) -> None:
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if request(self.port, "GET", "/health", timeout=2).status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.kill()
+        raise AssertionError(f"gunicorn did not answer /health on port {self.port} within {deadline_s}s:\n{self.output()}")
+
+    def request(self, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 30) -> Response:
+        return request(self.port, method, path, body, headers, timeout)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_lines(self) -> list[dict]:
+        """Every line gunicorn and the app wrote, parsed; a line that is not JSON fails the test."""
+        return [json.loads(line) for line in self.output().splitlines() if line.strip()]
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: master and every worker, no chance to clean up."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()

@@ -1,0 +1,69 @@
+"""Configuration: read once, validated, a bad value stops start-up with one line naming it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from records_service.config import ConfigError, Settings, load_dotenv_file, load_settings
+from tests.live import GUNICORN, REPO
+
+
+def test_defaults_match_the_documented_table():
+    assert load_settings({}) == Settings(
+        db_path="records.db", log_level="INFO", max_body_bytes=1_048_576, max_batch_bytes=16_777_216,
+        auth="required", synchronous="NORMAL", busy_timeout_ms=5000)
+
+
+def test_every_variable_is_read():
+    settings = load_settings({
+        "RECORDS_DB_PATH": "/data/r.db", "RECORDS_LOG_LEVEL": "debug", "RECORDS_MAX_BODY_BYTES": "10",
+        "RECORDS_MAX_BATCH_BYTES": "20", "RECORDS_AUTH": "disabled", "RECORDS_SYNCHRONOUS": "full",
+        "RECORDS_BUSY_TIMEOUT_MS": "250",
+    })
+    assert settings == Settings("/data/r.db", "DEBUG", 10, 20, "disabled", "FULL", 250)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("RECORDS_DB_PATH", "  "),
+    ("RECORDS_LOG_LEVEL", "LOUD"),
+    ("RECORDS_MAX_BODY_BYTES", "1MB"),
+    ("RECORDS_MAX_BODY_BYTES", "0"),
+    ("RECORDS_MAX_BATCH_BYTES", "-5"),
+    ("RECORDS_AUTH", "off"),
+    ("RECORDS_SYNCHRONOUS", "OFF"),
+    ("RECORDS_BUSY_TIMEOUT_MS", "soon"),
+])
+def test_a_bad_value_is_an_error_naming_the_variable(name, value):
+    with pytest.raises(ConfigError, match=name):
+        load_settings({name: value})
+
+
+def test_dotenv_fills_gaps_and_the_real_environment_wins(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("RECORDS_MAX_BODY_BYTES=123\nRECORDS_LOG_LEVEL=DEBUG\n")
+    monkeypatch.delenv("RECORDS_MAX_BODY_BYTES", raising=False)
+    monkeypatch.setenv("RECORDS_LOG_LEVEL", "WARNING")
+    try:
+        load_dotenv_file(tmp_path)
+        settings = load_settings(os.environ)
+    finally:
+        os.environ.pop("RECORDS_MAX_BODY_BYTES", None)
+    assert settings.max_body_bytes == 123
+    assert settings.log_level == "WARNING"
+
+
+@pytest.mark.parametrize("source", ["environment", "dotenv"])
+def test_gunicorn_refuses_to_start_with_one_line_naming_the_variable(tmp_path, source):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECORDS_")}
+    if source == "environment":
+        env["RECORDS_MAX_BODY_BYTES"] = "lots"
+    else:
+        (tmp_path / ".env").write_text("RECORDS_MAX_BODY_BYTES=lots\n")
+    proc = subprocess.run([GUNICORN, "-c", str(REPO / "gunicorn.conf.py"), "-b", "127.0.0.1:0"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "RECORDS_MAX_BODY_BYTES" in lines[0] and "lots" in lines[0]

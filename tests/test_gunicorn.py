@@ -1,0 +1,204 @@
+"""Claims about real processes: gunicorn with several workers on loopback, spoken to over HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from tests.live import request
+
+
+def make_record(test_id: str, clinic_id: str = "C001", **extra) -> dict:
+    return {"test_id": test_id, "clinic_id": clinic_id, "patient_id": "P1", "test_type": "CBC",
+            "result": 7.2, "collected_at": "2025-05-01T10:00:00Z", **extra}
+
+
+def clinic_ids(server, clinic_id: str) -> list[str]:
+    resp = server.request("GET", f"/tests?clinic_id={clinic_id}")
+    assert resp.status == 200, resp.body
+    return [r["test_id"] for r in resp.json()]
+
+
+def wait_for_log(server, predicate, deadline_s: float = 10) -> dict:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        for line in server.log_lines():
+            if predicate(line):
+                return line
+        time.sleep(0.02)
+    raise AssertionError(f"no such log line within {deadline_s}s:\n{server.output()}")
+
+
+def test_32_concurrent_writers_get_only_201s_and_every_record_is_stored_once(start_server):
+    server = start_server(workers=4)
+    clinics = [f"C{n}" for n in range(4)]
+
+    def write(client_no: int) -> list[tuple[str, int]]:
+        outcomes = []
+        for i in range(15):
+            test_id = f"w{client_no}-{i}"
+            resp = server.request("POST", "/tests", make_record(test_id, clinics[client_no % 4]))
+            outcomes.append((test_id, resp.status))
+        return outcomes
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        outcomes = [o for batch in pool.map(write, range(32)) for o in batch]
+
+    assert {status for _, status in outcomes} == {201}
+    stored = [test_id for clinic in clinics for test_id in clinic_ids(server, clinic)]
+    assert sorted(stored) == sorted(test_id for test_id, _ in outcomes)
+    assert len(stored) == 32 * 15
+    assert "database is locked" not in server.output()
+
+
+def test_an_acknowledged_record_survives_kill_9_of_the_whole_process_group(start_server, tmp_path):
+    server = start_server(workers=3)
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def write(client_no: int) -> None:
+        i = 0
+        while not stop.is_set():
+            test_id = f"k{client_no}-{i}"
+            try:
+                resp = server.request("POST", "/tests", make_record(test_id), timeout=5)
+            except (OSError, http.client.HTTPException):
+                return  # the server died under us: this one was never acknowledged
+            if resp.status == 201:
+                acknowledged.append(test_id)
+            i += 1
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    while len(acknowledged) < 200:
+        time.sleep(0.01)
+    server.kill()  # SIGKILL to master and workers while writes are in flight
+    stop.set()
+    for t in threads:
+        t.join()
+
+    restarted = start_server(workers=2, db_path=server.db_path)
+    stored = set(clinic_ids(restarted, "C001"))
+    missing = [test_id for test_id in acknowledged if test_id not in stored]
+    assert missing == [], f"{len(missing)} acknowledged records lost"
+
+
+def test_sigterm_lets_an_in_flight_request_finish(start_server):
+    server = start_server(workers=1, RECORDS_LOG_LEVEL="DEBUG", RECORDS_BUSY_TIMEOUT_MS=20000)
+    blocker = sqlite3.connect(server.db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the POST below waits for this lock: it is in flight until we let go
+    result = {}
+    poster = threading.Thread(target=lambda: result.update(
+        resp=server.request("POST", "/tests", make_record("in-flight"), {"X-Request-ID": "inflight-1"})))
+    poster.start()
+    wait_for_log(server, lambda l: l.get("request_id") == "inflight-1" and l["message"] == "request received")
+
+    server.proc.send_signal(signal.SIGTERM)
+    wait_for_log(server, lambda l: "Handling signal: term" in l["message"])
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    poster.join(30)
+
+    assert result["resp"].status == 201
+    assert server.proc.wait(30) == 0
+    stored = sqlite3.connect(server.db_path).execute("SELECT test_id FROM records").fetchall()
+    assert stored == [("in-flight",)]
+
+
+def test_a_database_locked_past_the_bound_answers_503_with_retry_after_while_reads_go_on(start_server):
+    bound_ms = 600
+    server = start_server(workers=2, RECORDS_BUSY_TIMEOUT_MS=bound_ms)
+    assert server.request("POST", "/tests", make_record("before")).status == 201
+
+    blocker = sqlite3.connect(server.db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        resp = server.request("POST", "/tests", make_record("blocked"))
+        elapsed = time.monotonic() - started
+        read = server.request("GET", "/tests?clinic_id=C001")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+    assert resp.status == 503
+    assert resp.headers["content-type"] == "application/problem+json"
+    assert int(resp.headers["retry-after"]) >= 1
+    assert resp.json()["request_id"] == resp.headers["x-request-id"]
+    assert bound_ms / 1000 * 0.9 <= elapsed < bound_ms / 1000 + 3, f"answered after {elapsed:.2f}s"
+    assert read.status == 200 and [r["test_id"] for r in read.json()] == ["before"]
+    # Once the lock is gone, the same write goes through: nothing was half-stored.
+    assert server.request("POST", "/tests", make_record("blocked")).status == 201
+
+
+def test_two_instances_run_side_by_side_without_colliding(start_server, tmp_path):
+    first = start_server(workers=1, db_path=tmp_path / "a.db")
+    second = start_server(workers=1, db_path=tmp_path / "b.db")
+    assert first.port != second.port
+    assert first.request("POST", "/tests", make_record("only-in-a")).status == 201
+    assert clinic_ids(first, "C001") == ["only-in-a"]
+    assert clinic_ids(second, "C001") == []
+
+
+def test_logs_are_json_carry_the_request_id_and_never_clinical_data(start_server):
+    server = start_server(workers=2)
+    secret_result = "SECRET-RESULT-7f3a"
+    secret_notes = "SECRET-NOTES-91c2"
+    record = make_record("log-1", result=secret_result, notes=secret_notes)
+    assert server.request("POST", "/tests", record, {"X-Request-ID": "log-create"}).status == 201
+    assert server.request("POST", "/tests", record, {"X-Request-ID": "log-dup"}).status == 409
+    assert server.request("POST", "/tests", {**record, "test_id": "bad id"}, {"X-Request-ID": "log-bad"}).status == 400
+    assert server.request("GET", "/tests?clinic_id=C001", headers={"X-Request-ID": "log-list"}).status == 200
+    server.terminate()
+
+    lines = server.log_lines()  # fails if any line, gunicorn's included, is not JSON
+    assert all({"ts", "level", "logger", "message"} <= line.keys() for line in lines)
+    assert all(line["ts"].endswith("Z") for line in lines)
+    assert any(line["logger"].startswith("gunicorn") for line in lines)
+
+    def story(request_id):
+        return [line for line in lines if line.get("request_id") == request_id]
+
+    create = story("log-create")
+    assert [line["message"] for line in create] == ["committed", "request completed"]
+    assert create[0]["test_id"] == "log-1" and create[0]["version"] == 1
+    assert {k: create[-1][k] for k in ("method", "path", "status")} == {"method": "POST", "path": "/tests", "status": 201}
+    assert isinstance(create[-1]["duration_ms"], (int, float))
+    assert [line["message"] for line in story("log-dup")][-1] == "request completed"
+    assert any(line["message"] == "transaction rolled back" for line in story("log-dup"))
+    assert [line.get("status") for line in story("log-bad")][-1] == 400
+    assert story("log-list")[-1]["count"] == 1
+
+    # Every line written by the app while serving requests carries a request ID.
+    serving = [line for line in lines if line["logger"] == "records_service.http"
+               or line["message"] in ("committed", "transaction rolled back")]
+    assert serving and all("request_id" in line for line in serving)
+
+    text = server.output()
+    assert secret_result not in text and secret_notes not in text
+
+
+def test_requests_are_served_over_http_with_chunked_bodies(start_server):
+    server = start_server(workers=1)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    body = json.dumps(make_record("chunked-1")).encode()
+    conn.request("POST", "/tests", body=iter([body[:20], body[20:]]), headers={"Content-Type": "application/json"},
+                 encode_chunked=True)
+    resp = conn.getresponse()
+    assert resp.status == 201, resp.read()
+    assert clinic_ids(server, "C001") == ["chunked-1"]
+
+
+def test_a_chunked_body_over_the_limit_is_413(start_server):
+    server = start_server(workers=1, RECORDS_MAX_BODY_BYTES=1000)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("POST", "/tests", body=iter([b"{" + b" " * 999, b" " * 1000]),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    assert conn.getresponse().status == 413
+    assert request(server.port, "GET", "/health").status == 200

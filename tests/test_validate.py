@@ -1,0 +1,200 @@
+"""The record rules of API.md, one row per rule, checked on the pure validator."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from records_service.validate import (
+    MalformedJSON, parse_json, parse_timestamp, timestamp_sort_key, validate_record,
+)
+
+NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
+VALID = {
+    "test_id": "T-1", "clinic_id": "C001", "patient_id": "P.9:x_y-z", "test_type": "CBC",
+    "result": 12.5, "collected_at": "2025-05-01T10:00:00Z",
+}
+
+
+def with_(**changes):
+    doc = dict(VALID)
+    for key, value in changes.items():
+        if value is DROP:
+            doc.pop(key)
+        else:
+            doc[key] = value
+    return doc
+
+
+DROP = object()
+
+# (case name, document, the field that must be reported)
+INVALID = [
+    ("test_id missing", with_(test_id=DROP), "test_id"),
+    ("test_id empty", with_(test_id=""), "test_id"),
+    ("test_id too long", with_(test_id="a" * 65), "test_id"),
+    ("test_id starts with _", with_(test_id="_batch"), "test_id"),
+    ("test_id starts with -", with_(test_id="-x"), "test_id"),
+    ("test_id has space", with_(test_id="a b"), "test_id"),
+    ("test_id has slash", with_(test_id="a/b"), "test_id"),
+    ("test_id non-ASCII letter", with_(test_id="é1"), "test_id"),
+    ("test_id non-ASCII digit", with_(test_id="1٣"), "test_id"),
+    ("test_id trailing newline", with_(test_id="abc\n"), "test_id"),
+    ("test_id number", with_(test_id=12), "test_id"),
+    ("test_id null", with_(test_id=None), "test_id"),
+    ("clinic_id missing", with_(clinic_id=DROP), "clinic_id"),
+    ("clinic_id bad char", with_(clinic_id="C#1"), "clinic_id"),
+    ("clinic_id list", with_(clinic_id=["C1"]), "clinic_id"),
+    ("patient_id missing", with_(patient_id=DROP), "patient_id"),
+    ("patient_id too long", with_(patient_id="p" * 65), "patient_id"),
+    ("test_type missing", with_(test_type=DROP), "test_type"),
+    ("test_type only spaces", with_(test_type="   "), "test_type"),
+    ("test_type too long after trim", with_(test_type=" " + "x" * 65 + " "), "test_type"),
+    ("test_type control char", with_(test_type="Hb\x07A1c"), "test_type"),
+    ("test_type DEL", with_(test_type="Hb\x7f"), "test_type"),
+    ("test_type C1 control inside", with_(test_type="Hb\x85A1c"), "test_type"),
+    ("test_type number", with_(test_type=5), "test_type"),
+    ("result missing", with_(result=DROP), "result"),
+    ("result true", with_(result=True), "result"),
+    ("result false", with_(result=False), "result"),
+    ("result null", with_(result=None), "result"),
+    ("result empty string", with_(result=""), "result"),
+    ("result string too long", with_(result="x" * 1025), "result"),
+    ("result control char", with_(result="pos\x00"), "result"),
+    ("result carriage return", with_(result="a\rb"), "result"),
+    ("result object", with_(result={"v": 1}), "result"),
+    ("result list", with_(result=[1]), "result"),
+    ("result infinite float", with_(result=float("inf")), "result"),
+    ("result lone surrogate", with_(result="\ud800"), "result"),
+    ("unit too long", with_(unit="u" * 33), "unit"),
+    ("unit control char", with_(unit="mg\tdL"), "unit"),
+    ("unit number", with_(unit=5), "unit"),
+    ("status unknown", with_(status="done"), "status"),
+    ("status wrong case", with_(status="FINAL"), "status"),
+    ("status entered-in-error is the service's", with_(status="entered-in-error"), "status"),
+    ("status null", with_(status=None), "status"),
+    ("collected_at missing", with_(collected_at=DROP), "collected_at"),
+    ("collected_at no offset", with_(collected_at="2025-05-01T10:00:00"), "collected_at"),
+    ("collected_at date only", with_(collected_at="2025-05-01"), "collected_at"),
+    ("collected_at space separator", with_(collected_at="2025-05-01 10:00:00Z"), "collected_at"),
+    ("collected_at impossible date", with_(collected_at="2025-02-30T10:00:00Z"), "collected_at"),
+    ("collected_at hour 24", with_(collected_at="2025-05-01T24:00:00Z"), "collected_at"),
+    ("collected_at leap second", with_(collected_at="2016-12-31T23:59:60Z"), "collected_at"),
+    ("collected_at offset without colon", with_(collected_at="2025-05-01T10:00:00+0530"), "collected_at"),
+    ("collected_at offset hour 24", with_(collected_at="2025-05-01T10:00:00+24:00"), "collected_at"),
+    ("collected_at before 1900", with_(collected_at="1899-12-31T23:59:59Z"), "collected_at"),
+    ("collected_at 6 minutes ahead", with_(collected_at="2025-06-01T12:06:00Z"), "collected_at"),
+    ("collected_at 10 fraction digits", with_(collected_at="2025-05-01T10:00:00.1234567890Z"), "collected_at"),
+    ("collected_at unicode digits", with_(collected_at="２025-05-01T10:00:00Z"), "collected_at"),
+    ("collected_at trailing newline", with_(collected_at="2025-05-01T10:00:00Z\n"), "collected_at"),
+    ("collected_at number", with_(collected_at=1714557600), "collected_at"),
+    ("notes too long", with_(notes="n" * 2001), "notes"),
+    ("notes number", with_(notes=3), "notes"),
+    ("unknown field", with_(comment="hi"), "comment"),
+    ("server field sent by client", with_(version=1), "version"),
+]
+
+
+@pytest.mark.parametrize("doc, field", [pytest.param(d, f, id=name) for name, d, f in INVALID])
+def test_each_rule_rejects_and_names_the_field(doc, field):
+    record, errors = validate_record(doc, NOW)
+    assert record is None
+    assert [e["field"] for e in errors] == [field], errors
+    assert errors[0]["message"]
+
+
+def test_every_failing_field_is_reported_at_once():
+    doc = {"test_id": "", "clinic_id": 1, "test_type": " ", "result": True, "unit": "x" * 40,
+           "status": "nope", "collected_at": "yesterday", "notes": 7, "extra": 1}
+    record, errors = validate_record(doc, NOW)
+    assert record is None
+    assert sorted(e["field"] for e in errors) == sorted(
+        ["test_id", "clinic_id", "patient_id", "test_type", "result", "unit", "status", "collected_at", "notes", "extra"])
+
+
+@pytest.mark.parametrize("doc", [[], "x", 3, None, True, [VALID]])
+def test_a_document_that_is_not_an_object_is_rejected(doc):
+    record, errors = validate_record(doc, NOW)
+    assert record is None and errors == [{"field": None, "message": "the record must be a JSON object"}]
+
+
+def test_a_valid_record_is_completed_with_defaults_and_normalised():
+    record, errors = validate_record(with_(test_type="  HbA1c \t", collected_at="2025-05-01T10:00:00.120+05:30"), NOW)
+    assert errors == []
+    assert record == {
+        "test_id": "T-1", "clinic_id": "C001", "patient_id": "P.9:x_y-z", "test_type": "HbA1c", "result": 12.5,
+        "unit": None, "status": "final", "collected_at": "2025-05-01T04:30:00.120Z", "notes": None,
+    }
+    assert list(record) == ["test_id", "clinic_id", "patient_id", "test_type", "result", "unit", "status",
+                            "collected_at", "notes"]
+
+
+@pytest.mark.parametrize("result", [0, -3, 10**30, 1.5e300, "positive", "line1\n\tline2", "x" * 1024])
+def test_results_that_are_allowed(result):
+    record, errors = validate_record(with_(result=result), NOW)
+    assert errors == [] and record["result"] == result
+
+
+@pytest.mark.parametrize("field, value", [
+    ("test_id", "a" * 64), ("test_id", "0"), ("test_id", "A.b:c_d-e"), ("unit", None), ("unit", ""),
+    ("unit", "u" * 32), ("notes", None), ("notes", "n" * 2000), ("notes", "line\nwith\x01control"),
+    ("status", "preliminary"), ("status", "corrected"), ("status", "cancelled"), ("test_type", "t" * 64),
+])
+def test_boundary_values_that_are_allowed(field, value):
+    record, errors = validate_record(with_(**{field: value}), NOW)
+    assert errors == [] and record[field] == value
+
+
+@pytest.mark.parametrize("given, stored", [
+    ("2024-05-01T10:00:00+05:30", "2024-05-01T04:30:00Z"),
+    ("2024-05-01T10:00:00Z", "2024-05-01T10:00:00Z"),
+    ("2024-05-01t10:00:00z", "2024-05-01T10:00:00Z"),
+    ("2024-05-01T10:00:00-00:00", "2024-05-01T10:00:00Z"),
+    ("2024-12-31T23:30:00-01:00", "2025-01-01T00:30:00Z"),
+    ("2024-05-01T10:00:00.5+01:00", "2024-05-01T09:00:00.5Z"),
+    ("2024-05-01T10:00:00.123456789Z", "2024-05-01T10:00:00.123456789Z"),
+    ("2024-02-29T00:00:00Z", "2024-02-29T00:00:00Z"),
+    ("1900-01-01T00:00:00Z", "1900-01-01T00:00:00Z"),
+    ("2025-06-01T12:05:00Z", "2025-06-01T12:05:00Z"),
+])
+def test_collected_at_is_normalised_to_utc_keeping_fractions(given, stored):
+    assert parse_timestamp(given, NOW) == (stored, None)
+
+
+def test_sort_keys_order_like_time():
+    stamps = ["2024-05-01T04:30:00Z", "2024-05-01T04:30:00.05Z", "2024-05-01T04:30:00.5Z", "2024-05-01T04:30:01Z"]
+    keys = [timestamp_sort_key(s) for s in stamps]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+
+
+def test_duplicate_keys_are_reported_with_the_other_errors():
+    doc = parse_json(b'{"test_id": "a", "test_id": "b", "clinic_id": "C1", "patient_id": "P", "test_type": "x",'
+                     b' "result": true, "collected_at": "2025-05-01T10:00:00Z"}')
+    record, errors = validate_record(doc, NOW)
+    assert record is None
+    assert errors == [{"field": "test_id", "message": "appears more than once in the object"},
+                      {"field": "result", "message": "must be a number or a string, not a boolean"}]
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_finite_literals_are_rejected_naming_the_field(literal):
+    doc = parse_json(b'{"test_id": "a", "clinic_id": "C1", "patient_id": "P", "test_type": "x",'
+                     b' "result": ' + literal + b', "collected_at": "2025-05-01T10:00:00Z"}')
+    record, errors = validate_record(doc, NOW)
+    assert record is None and [e["field"] for e in errors] == ["result"]
+
+
+def test_a_number_too_large_for_a_float_is_rejected():
+    doc = parse_json(b'{"test_id": "a", "clinic_id": "C1", "patient_id": "P", "test_type": "x",'
+                     b' "result": 1e400, "collected_at": "2025-05-01T10:00:00Z"}')
+    assert [e["field"] for e in validate_record(doc, NOW)[1]] == ["result"]
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"   ", b"{", b'{"a": 1,}', b"\xff\xfe", b"[" * 100_000, b"{" * 100_000, b"1" * 5000, b"{'a': 1}",
+])
+def test_malformed_json_raises_with_a_safe_message(body):
+    with pytest.raises(MalformedJSON) as info:
+        parse_json(body)
+    assert len(str(info.value)) < 200
