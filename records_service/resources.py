@@ -8,6 +8,7 @@ from typing import Callable
 
 import falcon
 
+from .access import clinic_forbidden
 from .errors import DuplicateRecord, Problem, invalid_parameter, invalid_record
 from .store import Store
 from .validate import MalformedJSON, check_id, client_fields, parse_json, validate_record
@@ -84,6 +85,8 @@ class TestsCollection:
         if errors:
             log.info("record rejected", extra={"error_count": len(errors)})
             raise invalid_record(errors)
+        if not req.context.principal.sees(record["clinic_id"]):
+            raise clinic_forbidden(record["clinic_id"])
         try:
             body = self._store.insert(record, request_id=req.context.request_id, now=utc_millis(now))
         except DuplicateRecord as dup:
@@ -99,6 +102,8 @@ class TestsCollection:
         problem = check_id(params["clinic_id"])
         if problem:
             raise invalid_parameter("clinic_id", problem)
+        if not req.context.principal.sees(params["clinic_id"]):
+            raise clinic_forbidden(params["clinic_id"])
         body, count = self._store.list_clinic_json(params["clinic_id"])
         req.context.log_fields = {"count": count}
         resp.content_type = JSON

@@ -24,9 +24,9 @@ T = TypeVar("T")
 
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 
-# Each entry moves the schema from version N-1 to N. Never edit one that has shipped: add one.
-MIGRATIONS: tuple[str, ...] = (
-    """
+# Version N's script moves the schema from N-1 to N. Never edit one that has shipped: add one.
+MIGRATIONS: dict[int, str] = {
+    1: """
     CREATE TABLE records (
         seq          INTEGER PRIMARY KEY,   -- ingest order: lists are ordered and paged by it
         test_id      TEXT NOT NULL UNIQUE,
@@ -43,8 +43,8 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX records_by_clinic ON records (clinic_id, seq);
     """,
-)
-SCHEMA_VERSION = len(MIGRATIONS)
+}
+SCHEMA_VERSION = max(MIGRATIONS)
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
@@ -78,29 +78,12 @@ class Store:
             if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
                 raise StoreUnavailable("the database could not be switched to WAL mode")
             conn.execute(f"PRAGMA synchronous = {'FULL' if self._synchronous == 'FULL' else 'NORMAL'}")
-            self._migrate(conn)
+            migrate(conn)
         except sqlite3.Error as exc:
             if _is_busy(exc):
                 raise StoreBusy() from exc
             raise StoreUnavailable(f"cannot open database: {exc}") from exc
         return conn
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        """Apply missing migrations; BEGIN IMMEDIATE makes concurrent starters take turns."""
-        if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            current = conn.execute("PRAGMA user_version").fetchone()[0]
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                for statement in _statements(MIGRATIONS[version - 1]):
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {version}")
-                log.info("schema migrated", extra={"schema_version": version})
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def open(self) -> None:
         """Open (and migrate) now rather than at the first request."""
@@ -142,22 +125,13 @@ class Store:
 
     def insert(self, record: dict, *, request_id: str, now: str) -> str:
         """Store a new record at version 1 and return its JSON; DuplicateRecord if the id exists."""
-        stored = {**record, "created_at": now, "updated_at": now, "version": 1, "request_id": request_id}
-        doc = json.dumps(stored, ensure_ascii=False)
 
         def work(conn: sqlite3.Connection) -> str:
             try:
-                conn.execute(
-                    "INSERT INTO records (test_id, clinic_id, patient_id, test_type, status, collected_at,"
-                    " created_at, updated_at, version, request_id, doc)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)",
-                    (record["test_id"], record["clinic_id"], record["patient_id"], record["test_type"],
-                     record["status"], timestamp_sort_key(record["collected_at"]), now, now, request_id, doc),
-                )
+                return _insert_row(conn, record, request_id, now)
             except sqlite3.IntegrityError:
                 existing = conn.execute("SELECT doc FROM records WHERE test_id = ?", (record["test_id"],)).fetchone()
                 raise DuplicateRecord(json.loads(existing[0])) from None
-            return doc
 
         try:
             doc = self._write(work)
@@ -178,6 +152,46 @@ class Store:
 
     def count(self) -> int:
         return self._read("SELECT count(*) FROM records")[0][0]
+
+
+def _insert_row(conn: sqlite3.Connection, record: dict, request_id: str, now: str) -> str:
+    """Insert one validated record at version 1 inside the caller's transaction; return its JSON.
+
+    Raises sqlite3.IntegrityError when the test_id is taken. Every way of creating records
+    goes through here, so what is stored alongside a record is decided in one place.
+    """
+    stored = {**record, "created_at": now, "updated_at": now, "version": 1, "request_id": request_id}
+    doc = json.dumps(stored, ensure_ascii=False)
+    conn.execute(
+        "INSERT INTO records (test_id, clinic_id, patient_id, test_type, status, collected_at,"
+        " created_at, updated_at, version, request_id, doc)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)",
+        (record["test_id"], record["clinic_id"], record["patient_id"], record["test_type"],
+         record["status"], timestamp_sort_key(record["collected_at"]), now, now, request_id, doc),
+    )
+    return doc
+
+
+def migrate(conn: sqlite3.Connection, upto: int = SCHEMA_VERSION) -> None:
+    """Apply the missing migrations up to `upto` (tests build older schemas with it).
+
+    BEGIN IMMEDIATE makes workers that start at once take turns; each re-reads the version
+    inside the lock, so a migration runs exactly once.
+    """
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= upto:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        current = conn.execute("PRAGMA user_version").fetchone()[0]
+        for version in sorted(v for v in MIGRATIONS if current < v <= upto):
+            for statement in _statements(MIGRATIONS[version]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version}")
+            log.info("schema migrated", extra={"schema_version": version})
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _statements(script: str) -> list[str]:
