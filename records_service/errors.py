@@ -105,8 +105,7 @@ def _version_mismatch(req, resp, ex, params):
 
 
 def _already_voided(req, resp, ex, params):
-    raise Problem(409, "already-voided", "the record is already entered-in-error; nothing was changed",
-                  title="Conflict")
+    raise Problem(409, "already-voided", "the record is already entered-in-error; nothing was changed")
 
 
 def _unexpected(req, resp, ex, params):
