@@ -31,8 +31,14 @@ def run_trace(args: argparse.Namespace, settings: Settings) -> int:
         except OSError as exc:
             print(f"trace: cannot read {path}: {exc.strerror}", file=sys.stderr)
             unreadable = True
-    for line in timeline(entries, args.request_id):
-        print(line)
+    try:
+        for line in timeline(entries, args.request_id):
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader stopped early (`| head`): not a failure. Point stdout at /dev/null so
+        # Python's own flush at exit does not raise again (the recipe of the signal docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if not entries:
         print(f"trace: no log lines for request {args.request_id}", file=sys.stderr)
     return 2 if unreadable else 0 if entries else 1

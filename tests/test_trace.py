@@ -86,3 +86,14 @@ def test_the_command_exits_1_when_the_request_left_no_lines(stdin):
     result = trace("r-1", stdin=stdin)
     assert result.returncode == 1 and result.stdout == ""
     assert "no log lines for request r-1" in result.stderr
+
+
+def test_a_reader_that_stops_early_is_not_an_error(tmp_path):
+    log = tmp_path / "big.log"
+    log.write_text("".join(line(f"2025-06-01T12:00:{i % 60:02d}.000Z", "x" * 100) + "\n" for i in range(5000)))
+    proc = subprocess.Popen([sys.executable, "-m", "records_service", "trace", "r-1", str(log)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"request r-1: 5000 log lines")
+    proc.stdout.close()  # as `| head -1` does, long before the 5000 lines (~700 KB) are written
+    assert proc.wait(30) == 0
+    assert proc.stderr.read() == b""
