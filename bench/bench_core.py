@@ -46,6 +46,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Sequence
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -228,6 +229,16 @@ class Server:
         self.proc = None
 
 
+def stop_all(servers: list[Server]) -> None:
+    """Stop every server, the last started first; finish even if told twice or one fails."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for server in reversed(servers):
+        try:
+            server.stop()
+        except Exception as exc:  # keep stopping the others
+            log(f"could not stop {server.name}: {exc}")
+
+
 def gunicorn_argv(port: int, workers: int, app: str | None) -> list[str]:
     # Both apps: the same config file, so every gunicorn setting is the same; only the app differs.
     argv = [GUNICORN, "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{port}", "-w", str(workers), "--no-control-socket"]
@@ -248,10 +259,12 @@ class Run:
     wrk_output: str = field(repr=False, default="")
 
 
-def run_wrk(wrk: str, scenario: str, url: str, args: argparse.Namespace, duration: float) -> tuple[dict, str]:
+def run_wrk(wrk: str, scenario: str, url: str, args: argparse.Namespace, duration: float,
+            script_args: Sequence[str] = ()) -> tuple[dict, str]:
     nonce = secrets.token_hex(4)  # new every run: POST test_ids never repeat across runs
     cmd = [wrk, "-t", str(args.threads), "-c", str(args.connections), "-d", f"{duration}s",
-           "--timeout", f"{args.timeout}s", "--latency", "-s", str(SCRIPTS[scenario]), url, "--", nonce]
+           "--timeout", f"{args.timeout}s", "--latency", "-s", str(SCRIPTS[scenario]), url, "--", nonce,
+           *script_args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
     match = re.search(r"^BENCH_RESULT (\{.*\})$", out.stdout, re.M)
     if out.returncode != 0 or not match:
@@ -268,15 +281,17 @@ def fmt_run(run: Run) -> str:
             f"  p99 {r['p99_ms']:7.2f} ms  non-2xx {r['non2xx']}{errs}  (load avg before {run.load_before:.2f})")
 
 
-def measure(wrk: str, scenario: str, servers: list[Server], args: argparse.Namespace, runs: list[Run]) -> None:
-    """Warm each server up, then --rounds rounds, alternating which server goes first."""
+def measure(wrk: str, scenario: str, servers: list[Server], args: argparse.Namespace, runs: list[Run],
+            script_args: Callable[[Server], Sequence[str]] = lambda server: ()) -> None:
+    """Warm each server up, then --rounds rounds, alternating which server goes first.
+    `script_args` gives the Lua script's arguments after the nonce, asked anew for every run."""
     for server in servers:
-        run_wrk(wrk, scenario, server.url, args, args.warmup)
+        run_wrk(wrk, scenario, server.url, args, args.warmup, script_args(server))
     for rnd in range(1, args.rounds + 1):
         order = servers if rnd % 2 else list(reversed(servers))
         for server in order:
             before = loadavg()
-            result, output = run_wrk(wrk, scenario, server.url, args, args.duration)
+            result, output = run_wrk(wrk, scenario, server.url, args, args.duration, script_args(server))
             run = Run(scenario, server.name, rnd, result, before, output)
             runs.append(run)
             log(fmt_run(run))
@@ -473,17 +488,29 @@ def report(runs: list[Run], scenarios: list[str], sync_runs: list[Run], args, si
 
 # -- main ------------------------------------------------------------------------------------
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def load_arguments(doc: str, pairs: str) -> argparse.ArgumentParser:
+    """A parser with the load options every benchmark here takes; `pairs` names what a round compares."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run (whole seconds: wrk)")
     p.add_argument("--connections", type=int, default=16, help="wrk connections")
     p.add_argument("--threads", type=int, default=2, help="wrk threads")
     p.add_argument("--workers", type=int, default=None,
-                   help="gunicorn workers for both apps (default: what gunicorn.conf.py resolves to)")
-    p.add_argument("--rounds", type=int, default=3, help="bare/ours pairs per scenario; medians are reported")
+                   help="gunicorn workers for every server (default: what gunicorn.conf.py resolves to)")
+    p.add_argument("--rounds", type=int, default=3, help=f"{pairs} pairs per scenario; medians are reported")
     p.add_argument("--warmup", type=int, default=2, help="seconds of unrecorded load per server and scenario")
     p.add_argument("--timeout", type=int, default=5, help="wrk request timeout, seconds")
+    return p
+
+
+def parse_load_arguments(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if min(args.duration, args.warmup, args.timeout, args.rounds, args.connections, args.threads) < 1:
+        p.error("--duration, --warmup, --timeout, --rounds, --connections and --threads must be at least 1")
+    return args
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = load_arguments(__doc__, "bare/ours")
     p.add_argument("--scenarios", default="GET,POST", help="comma-separated, run in this order (GET first "
                    "keeps every page at 100 records)")
     p.add_argument("--synchronous-compare", action=argparse.BooleanOptionalAction, default=True,
@@ -497,9 +524,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--profile-top", type=int, default=20, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="write raw runs here (default bench/results/core-<time>.json)")
     p.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
-    args = p.parse_args(argv)
-    if min(args.duration, args.warmup, args.timeout, args.rounds, args.connections, args.threads) < 1:
-        p.error("--duration, --warmup, --timeout, --rounds, --connections and --threads must be at least 1")
+    args = parse_load_arguments(p, argv)
     args.scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
     if not args.scenarios or set(args.scenarios) - set(SCRIPTS):
         p.error("--scenarios takes GET and/or POST")
@@ -609,12 +634,7 @@ def main(argv: list[str]) -> int:
         log("\ninterrupted")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the clean-up even if told twice
-        for server in reversed(servers):
-            try:
-                server.stop()
-            except Exception as exc:  # keep stopping the others
-                log(f"could not stop {server.name}: {exc}")
+        stop_all(servers)
         if args.keep_tmp or args.profile:
             log(f"kept {tmp}")
         else:

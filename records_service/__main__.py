@@ -13,12 +13,45 @@ import sys
 
 from .config import ConfigError, Settings, load_dotenv_file, load_settings
 from .logs import logging_config
+from .trace import entries_of, timeline
+
+
+def run_trace(args: argparse.Namespace, settings: Settings) -> int:
+    """Print one request's log lines as a timeline: 0 when found, 1 when none, 2 when a file
+    could not be read (the others are still searched, as grep does)."""
+    entries, unreadable = [], False
+    for path in args.logfiles or ["-"]:
+        try:
+            if path == "-":
+                sys.stdin.reconfigure(errors="replace")
+                entries += entries_of(sys.stdin, args.request_id)
+            else:
+                with open(path, encoding="utf-8", errors="replace") as lines:
+                    entries += entries_of(lines, args.request_id)
+        except OSError as exc:
+            print(f"trace: cannot read {path}: {exc.strerror}", file=sys.stderr)
+            unreadable = True
+    try:
+        for line in timeline(entries, args.request_id):
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader stopped early (`| head`): not a failure. Point stdout at /dev/null so
+        # Python's own flush at exit does not raise again (the recipe of the signal docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if not entries:
+        print(f"trace: no log lines for request {args.request_id}", file=sys.stderr)
+    return 2 if unreadable else 0 if entries else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m records_service")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    del commands  # each command registers itself here: commands.add_parser(...).set_defaults(run=run_<name>)
+    # each command registers itself here: commands.add_parser(...).set_defaults(run=run_<name>)
+    trace = commands.add_parser("trace", help="print one request's log lines as a timeline")
+    trace.add_argument("request_id", metavar="REQUEST_ID")
+    trace.add_argument("logfiles", metavar="LOGFILE", nargs="*", help="JSON log files (default: standard input, or -)")
+    trace.set_defaults(run=run_trace)
     return parser
 
 

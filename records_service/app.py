@@ -11,6 +11,7 @@ import falcon
 
 from . import errors
 from .config import Settings, load_settings
+from .lifecycle import Audit, History, Record
 from .middleware import RequestContext
 from .resources import Health, TestsCollection
 from .store import Store
@@ -37,4 +38,7 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
     errors.install(app)
     app.add_route("/health", Health())
     app.add_route("/tests", TestsCollection(store, clock, settings.max_body_bytes))
+    app.add_route("/tests/{test_id}", Record(store, clock, settings.max_body_bytes))
+    app.add_route("/tests/{test_id}/history", History(store))
+    app.add_route("/audit/{request_id}", Audit(store))
     return app

@@ -38,6 +38,18 @@ class DuplicateRecord(Exception):
         self.stored = stored
 
 
+class VersionMismatch(Exception):
+    """If-Match did not name the record's current version (`current`); nothing was written."""
+
+    def __init__(self, current: int) -> None:
+        super().__init__(current)
+        self.current = current
+
+
+class AlreadyVoided(Exception):
+    """The record is already entered-in-error; voiding it again would change nothing."""
+
+
 class Problem(falcon.HTTPError):
     """An HTTP error with an RFC 9457 `type` and extension members (errors, identical, ...)."""
 
@@ -87,6 +99,15 @@ def _store_unavailable(req, resp, ex, params):
                   headers={"Retry-After": "5"})
 
 
+def _version_mismatch(req, resp, ex, params):
+    raise Problem(412, "version-mismatch", f"If-Match does not name the current version of this record ({ex.current});"
+                  " nothing was changed: read the record again, then retry")
+
+
+def _already_voided(req, resp, ex, params):
+    raise Problem(409, "already-voided", "the record is already entered-in-error; nothing was changed")
+
+
 def _unexpected(req, resp, ex, params):
     # Deliberately broad: this is the last line between an unforeseen failure and the client.
     log.exception("unhandled error while serving %s %s", req.method, req.path)
@@ -99,3 +120,5 @@ def install(app: falcon.App) -> None:
     app.add_error_handler(Exception, _unexpected)
     app.add_error_handler(StoreBusy, _store_busy)
     app.add_error_handler(StoreUnavailable, _store_unavailable)
+    app.add_error_handler(VersionMismatch, _version_mismatch)
+    app.add_error_handler(AlreadyVoided, _already_voided)

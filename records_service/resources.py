@@ -52,6 +52,15 @@ def read_json(req: falcon.Request, limit: int):
         raise Problem(400, "malformed-json", str(exc), title="Malformed JSON") from None
 
 
+def require_valid(checked: tuple[dict | None, list[dict]]) -> dict:
+    """The record from a validator's (record, errors), or a logged 400 naming every failing field."""
+    record, errors = checked
+    if errors:
+        log.info("record rejected", extra={"error_count": len(errors)})
+        raise invalid_record(errors)
+    return record
+
+
 def utc_millis(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
@@ -81,10 +90,7 @@ class TestsCollection:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         doc = read_json(req, self._max_body_bytes)
         now = self._clock()
-        record, errors = validate_record(doc, now)
-        if errors:
-            log.info("record rejected", extra={"error_count": len(errors)})
-            raise invalid_record(errors)
+        record = require_valid(validate_record(doc, now))
         if not req.context.principal.sees(record["clinic_id"]):
             raise clinic_forbidden(record["clinic_id"])
         try:

@@ -13,10 +13,10 @@ import json
 import logging
 import os
 import sqlite3
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, NamedTuple, TypeVar
 
-from .errors import DuplicateRecord, StoreBusy, StoreUnavailable
-from .validate import timestamp_sort_key
+from .errors import AlreadyVoided, DuplicateRecord, StoreBusy, StoreUnavailable, VersionMismatch
+from .validate import VOIDED_STATUS, client_fields, timestamp_sort_key
 
 log = logging.getLogger("records_service.store")
 
@@ -43,8 +43,58 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX records_by_clinic ON records (clinic_id, seq);
     """,
+    # Every version of every record, append-only. Triggers on `records` write it, so every way
+    # of creating or changing a record (single, batch, seed) keeps history without knowing it.
+    # rowid order is write order: /audit lists one request's writes in the order it made them.
+    3: """
+    CREATE TABLE record_versions (
+        test_id    TEXT NOT NULL,
+        version    INTEGER NOT NULL,
+        action     TEXT NOT NULL CHECK (action IN ('create', 'correct', 'void')),
+        request_id TEXT NOT NULL,
+        at         TEXT NOT NULL,           -- the updated_at of this version
+        doc        TEXT NOT NULL,           -- the record as the API returned it at this version
+        PRIMARY KEY (test_id, version)
+    );
+    CREATE INDEX record_versions_by_request ON record_versions (request_id);
+    INSERT INTO record_versions (test_id, version, action, request_id, at, doc)
+        SELECT test_id, version, 'create', request_id, updated_at, doc FROM records ORDER BY seq;
+    CREATE TRIGGER records_keep_created AFTER INSERT ON records BEGIN
+        INSERT INTO record_versions (test_id, version, action, request_id, at, doc)
+        VALUES (NEW.test_id, NEW.version, 'create', NEW.request_id, NEW.updated_at, NEW.doc);
+    END;
+    CREATE TRIGGER records_one_version_at_a_time BEFORE UPDATE ON records
+    WHEN NEW.version IS NOT OLD.version + 1 OR NEW.seq IS NOT OLD.seq OR NEW.test_id IS NOT OLD.test_id
+      OR NEW.clinic_id IS NOT OLD.clinic_id OR NEW.patient_id IS NOT OLD.patient_id
+      OR NEW.created_at IS NOT OLD.created_at BEGIN
+        SELECT RAISE(ABORT, 'a record changes only by a new version that keeps its identity');
+    END;
+    CREATE TRIGGER records_keep_changed AFTER UPDATE ON records BEGIN
+        INSERT INTO record_versions (test_id, version, action, request_id, at, doc)
+        VALUES (NEW.test_id, NEW.version,
+                CASE NEW.status WHEN 'entered-in-error' THEN 'void' ELSE 'correct' END,
+                NEW.request_id, NEW.updated_at, NEW.doc);
+    END;
+    CREATE TRIGGER records_never_deleted BEFORE DELETE ON records BEGIN
+        SELECT RAISE(ABORT, 'records are never deleted; void them');
+    END;
+    CREATE TRIGGER record_versions_never_updated BEFORE UPDATE ON record_versions BEGIN
+        SELECT RAISE(ABORT, 'record versions are append-only');
+    END;
+    CREATE TRIGGER record_versions_never_deleted BEFORE DELETE ON record_versions BEGIN
+        SELECT RAISE(ABORT, 'record versions are append-only');
+    END;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
+
+
+class Stored(NamedTuple):
+    """A record's current version: what a single-record request checks and answers."""
+
+    clinic_id: str
+    version: int
+    doc: str  # the record as the API returns it
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
@@ -141,10 +191,78 @@ class Store:
         log.info("committed", extra={"test_id": record["test_id"], "version": 1})
         return doc
 
+    def correct(self, record: dict, *, expected: frozenset[int], request_id: str, now: str) -> Stored:
+        """Store validated client fields as the record's next version, if its current version is
+        one of `expected`; VersionMismatch otherwise."""
+        return self._revise(record["test_id"], expected, lambda current: record, "correct", request_id, now)
+
+    def void(self, test_id: str, *, expected: frozenset[int], request_id: str, now: str) -> Stored:
+        """Store the next version with status entered-in-error, if the current version is one of
+        `expected` (VersionMismatch otherwise); AlreadyVoided if it is entered-in-error already."""
+
+        def entered_in_error(current: dict) -> dict:
+            if current["status"] == VOIDED_STATUS:
+                raise AlreadyVoided()
+            return {**client_fields(current), "status": VOIDED_STATUS}
+
+        return self._revise(test_id, expected, entered_in_error, "void", request_id, now)
+
+    def _revise(self, test_id: str, expected: frozenset[int], change: Callable[[dict], dict], action: str,
+                request_id: str, now: str) -> Stored:
+        """Replace the current version in place (the row keeps its seq, so lists keep their order).
+
+        The version is compared inside the write transaction, so of two writers that read the
+        same version exactly one succeeds. The record must exist: callers have read it, and
+        records are never deleted. The history row is written by the AFTER UPDATE trigger.
+        """
+
+        def work(conn: sqlite3.Connection) -> Stored:
+            clinic_id, stored_doc = conn.execute(
+                "SELECT clinic_id, doc FROM records WHERE test_id = ?", (test_id,)).fetchone()
+            current = json.loads(stored_doc)
+            if current["version"] not in expected:
+                raise VersionMismatch(current["version"])
+            fields = change(current)
+            version = current["version"] + 1
+            doc = _stored_doc(fields, created_at=current["created_at"], updated_at=now, version=version,
+                              request_id=request_id)
+            conn.execute(
+                "UPDATE records SET test_type = ?, status = ?, collected_at = ?, updated_at = ?, version = ?,"
+                " request_id = ?, doc = ? WHERE test_id = ?",
+                (fields["test_type"], fields["status"], timestamp_sort_key(fields["collected_at"]), now, version,
+                 request_id, doc, test_id),
+            )
+            return Stored(clinic_id, version, doc)
+
+        try:
+            stored = self._write(work)
+        except VersionMismatch as exc:
+            log.info("record not changed: version mismatch", extra={"test_id": test_id, "version": exc.current})
+            raise
+        except AlreadyVoided:
+            log.info("record not changed: already voided", extra={"test_id": test_id})
+            raise
+        log.info("committed", extra={"test_id": test_id, "version": stored.version, "action": action})
+        return stored
+
     def list_clinic_json(self, clinic_id: str) -> tuple[str, int]:
         """The clinic's records, oldest ingested first, as a JSON array text and its length."""
-        rows = self._read("SELECT doc FROM records WHERE clinic_id = ? ORDER BY seq", (clinic_id,))
-        return "[" + ",".join(row[0] for row in rows) + "]", len(rows)
+        return _json_array(self._read("SELECT doc FROM records WHERE clinic_id = ? ORDER BY seq", (clinic_id,)))
+
+    def current(self, test_id: str) -> Stored | None:
+        rows = self._read("SELECT clinic_id, version, doc FROM records WHERE test_id = ?", (test_id,))
+        return Stored(*rows[0]) if rows else None
+
+    def history_json(self, test_id: str) -> tuple[str, int]:
+        """Every version of a record, oldest first, as a JSON array text and its length."""
+        return _json_array(self._read("SELECT doc FROM record_versions WHERE test_id = ? ORDER BY version", (test_id,)))
+
+    def audit(self, request_id: str) -> list[dict]:
+        """What one request wrote, in the order it wrote it, with each record's clinic."""
+        rows = self._read(
+            "SELECT v.test_id, v.version, v.action, v.at, r.clinic_id FROM record_versions AS v"
+            " JOIN records AS r ON r.test_id = v.test_id WHERE v.request_id = ? ORDER BY v.rowid", (request_id,))
+        return [{"test_id": t, "version": v, "action": a, "at": at, "clinic_id": c} for t, v, a, at, c in rows]
 
     def get(self, test_id: str) -> dict | None:
         rows = self._read("SELECT doc FROM records WHERE test_id = ?", (test_id,))
@@ -160,8 +278,7 @@ def _insert_row(conn: sqlite3.Connection, record: dict, request_id: str, now: st
     Raises sqlite3.IntegrityError when the test_id is taken. Every way of creating records
     goes through here, so what is stored alongside a record is decided in one place.
     """
-    stored = {**record, "created_at": now, "updated_at": now, "version": 1, "request_id": request_id}
-    doc = json.dumps(stored, ensure_ascii=False)
+    doc = _stored_doc(record, created_at=now, updated_at=now, version=1, request_id=request_id)
     conn.execute(
         "INSERT INTO records (test_id, clinic_id, patient_id, test_type, status, collected_at,"
         " created_at, updated_at, version, request_id, doc)"
@@ -170,6 +287,18 @@ def _insert_row(conn: sqlite3.Connection, record: dict, request_id: str, now: st
          record["status"], timestamp_sort_key(record["collected_at"]), now, now, request_id, doc),
     )
     return doc
+
+
+def _stored_doc(record: dict, *, created_at: str, updated_at: str, version: int, request_id: str) -> str:
+    """A version's response JSON: the client fields, then what the service adds."""
+    stored = {**record, "created_at": created_at, "updated_at": updated_at, "version": version,
+              "request_id": request_id}
+    return json.dumps(stored, ensure_ascii=False)
+
+
+def _json_array(rows: list[tuple]) -> tuple[str, int]:
+    """Stored JSON documents (first column) joined into one array text, and how many."""
+    return "[" + ",".join(row[0] for row in rows) + "]", len(rows)
 
 
 def migrate(conn: sqlite3.Connection, upto: int = SCHEMA_VERSION) -> None:
@@ -197,6 +326,16 @@ def migrate(conn: sqlite3.Connection, upto: int = SCHEMA_VERSION) -> None:
 def _statements(script: str) -> list[str]:
     """Split a migration into statements so they run inside our transaction.
 
-    `executescript()` would COMMIT first; migrations contain no semicolons inside strings.
+    `executescript()` would COMMIT first. Pieces between semicolons are joined until SQLite
+    calls them complete, so a trigger body (statements inside BEGIN ... END) stays whole.
     """
-    return [s.strip() for s in script.split(";") if s.strip()]
+    statements, pending = [], ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending.strip())
+            pending = ""
+    if pending.strip(" \n;"):
+        raise ValueError(f"incomplete statement in migration: {pending.strip()[:60]}")
+    return statements

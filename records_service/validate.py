@@ -26,10 +26,12 @@ _RFC3339_RE = re.compile(
 )
 
 CLIENT_STATUSES = ("preliminary", "final", "corrected", "cancelled")
+VOIDED_STATUS = "entered-in-error"  # set by the service when a record is voided; no client may send it
 CLIENT_FIELDS = (
     "test_id", "clinic_id", "patient_id", "test_type", "result",
     "unit", "status", "collected_at", "notes",
 )
+IMMUTABLE_FIELDS = ("test_id", "clinic_id", "patient_id")
 REQUIRED_FIELDS = ("test_id", "clinic_id", "patient_id", "test_type", "result", "collected_at")
 OPTIONAL_DEFAULTS = {"unit": None, "status": "final", "notes": None}
 
@@ -245,3 +247,20 @@ def validate_record(doc: Any, now: datetime) -> tuple[dict | None, list[FieldErr
 def client_fields(stored: dict) -> dict:
     """The client-supplied part of a stored record, for comparing a retry with what is stored."""
     return {name: stored[name] for name in CLIENT_FIELDS}
+
+
+def validate_correction(doc: Any, stored: dict, now: datetime) -> tuple[dict | None, list[FieldError]]:
+    """Check a correction: a full record (as `validate_record`) whose identity fields equal `stored`'s.
+
+    Every failing field is reported at once; an identity field that is itself invalid is
+    reported once, for what is wrong with it.
+    """
+    record, errors = validate_record(doc, now)
+    failing = {e["field"] for e in errors}
+    if isinstance(doc, dict):
+        errors += [_error(name, "cannot be changed: it must equal the stored value")
+                   for name in IMMUTABLE_FIELDS
+                   if name in doc and name not in failing and doc[name] != stored[name]]
+    if errors:
+        return None, errors
+    return record, []

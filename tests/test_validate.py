@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import pytest
 
 from records_service.validate import (
-    MalformedJSON, parse_json, parse_timestamp, timestamp_sort_key, validate_record,
+    MalformedJSON, parse_json, parse_timestamp, timestamp_sort_key, validate_correction, validate_record,
 )
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -198,3 +198,20 @@ def test_malformed_json_raises_with_a_safe_message(body):
     with pytest.raises(MalformedJSON) as info:
         parse_json(body)
     assert len(str(info.value)) < 200
+
+
+STORED = {**VALID, "unit": None, "status": "final", "notes": None, "version": 1}
+
+
+@pytest.mark.parametrize("changes, fields", [
+    ({"result": 13, "status": "corrected"}, []),
+    ({"test_id": "T-2"}, ["test_id"]),
+    ({"clinic_id": "C002", "patient_id": "P2"}, ["clinic_id", "patient_id"]),
+    ({"clinic_id": "C 2"}, ["clinic_id"]),            # invalid: reported once, for what is wrong with it
+    ({"test_id": DROP}, ["test_id"]),                 # missing: reported as required
+    ({"patient_id": "P2", "result": None}, ["result", "patient_id"]),
+])
+def test_a_correction_must_keep_the_identity_fields(changes, fields):
+    record, errors = validate_correction(with_(**changes), STORED, NOW)
+    assert [e["field"] for e in errors] == fields
+    assert (record is None) == bool(fields)

@@ -1,0 +1,346 @@
+"""GET/PUT/DELETE /tests/{test_id}, its history and /audit, through the real app factory."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import timedelta
+
+import falcon.testing
+import pytest
+
+from records_service import store as store_module
+from records_service.access import Principal
+from records_service.app import create_app
+from records_service.config import Settings
+from records_service.errors import VersionMismatch
+from records_service.lifecycle import versions_named
+from records_service.store import Store
+from tests.test_api import assert_problem, post
+
+
+def put(client, test_id, body, if_match=None, request_id=None):
+    headers = {"Content-Type": "application/json"}
+    if if_match is not None:
+        headers["If-Match"] = if_match
+    if request_id:
+        headers["X-Request-ID"] = request_id
+    return client.simulate_put(f"/tests/{test_id}", body=json.dumps(body), headers=headers)
+
+
+def delete(client, test_id, if_match=None, request_id=None):
+    headers = {} if if_match is None else {"If-Match": if_match}
+    if request_id:
+        headers["X-Request-ID"] = request_id
+    return client.simulate_delete(f"/tests/{test_id}", headers=headers)
+
+
+def history(client, test_id):
+    resp = client.simulate_get(f"/tests/{test_id}/history")
+    assert resp.status_code == 200, resp.text
+    return resp.json
+
+
+@pytest.fixture
+def created(client, record):
+    """The fixture record, stored at version 1 by request `req-create`."""
+    resp = post(client, record, {"X-Request-ID": "req-create"})
+    assert resp.status_code == 201
+    return resp.json
+
+
+@pytest.fixture
+def corrected(client, record, created, clock):
+    """The fixture record corrected once (version 2) by request `req-correct`, a second later."""
+    clock.now += timedelta(seconds=1)
+    resp = put(client, "T-0001", {**record, "result": 5.9, "status": "corrected"}, '"1"', "req-correct")
+    assert resp.status_code == 200, resp.text
+    return resp.json
+
+
+class TestRead:
+    def test_get_returns_the_current_version_with_a_strong_etag(self, client, created):
+        resp = client.simulate_get("/tests/T-0001")
+        assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
+        assert resp.json == created
+        assert resp.headers["etag"] == '"1"'
+
+    @pytest.mark.parametrize("path", ["/tests/T-9999", "/tests/t-0001", "/tests/_x", "/tests/bad%20id",
+                                      "/tests/T-9999/history"])
+    def test_a_record_that_does_not_exist_is_404(self, client, created, path):
+        assert_problem(client.simulate_get(path), 404)
+
+    def test_other_methods_are_405_with_allow(self, client, created):
+        resp = client.simulate_post("/tests/T-0001")
+        assert_problem(resp, 405)
+        assert set(resp.headers["allow"].replace(" ", "").split(",")) >= {"GET", "PUT", "DELETE"}
+
+
+class TestCorrect:
+    def test_a_correction_stores_the_next_version_and_answers_it_with_its_etag(self, client, record, created, clock):
+        clock.now += timedelta(seconds=1)
+        resp = put(client, "T-0001", {**record, "result": 5.9, "status": "corrected"}, '"1"', "req-correct")
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["etag"] == '"2"'
+        assert resp.json == {**created, "result": 5.9, "status": "corrected", "version": 2,
+                             "updated_at": "2025-06-01T12:00:01.123Z", "request_id": "req-correct"}
+        current = client.simulate_get("/tests/T-0001")
+        assert current.json == resp.json and current.headers["etag"] == '"2"'
+
+    def test_optional_fields_left_out_become_null_and_status_final(self, client, record, created):
+        required = {k: record[k] for k in ("test_id", "clinic_id", "patient_id", "test_type", "result", "collected_at")}
+        body = put(client, "T-0001", required, '"1"').json
+        assert (body["unit"], body["status"], body["notes"], body["version"]) == (None, "final", None, 2)
+
+    @pytest.mark.parametrize("if_match", [None, "", "  "])
+    def test_without_if_match_is_428_and_nothing_changes(self, client, record, created, if_match):
+        assert_problem(put(client, "T-0001", {**record, "result": 1}, if_match), 428)
+        assert history(client, "T-0001") == [created]
+
+    @pytest.mark.parametrize("if_match", [
+        '"1"',          # stale: the version before the current one
+        '"3"',          # a version that does not exist yet
+        'W/"2"',        # weak tags never match: If-Match compares strongly
+        "*",            # would skip the check the header exists for
+        "2",            # not a quoted entity-tag
+        '"02"',         # another tag than the one the service gave
+        '"2" junk',     # malformed
+        '"abc"',
+        '"1", W/"2"',
+    ])
+    def test_a_value_that_does_not_name_the_current_version_is_412_and_nothing_changes(
+            self, client, record, corrected, if_match):
+        assert_problem(put(client, "T-0001", {**record, "result": 7.7}, if_match), 412)
+        assert history(client, "T-0001")[-1] == corrected
+        assert client.simulate_get("/tests/T-0001").json == corrected
+
+    @pytest.mark.parametrize("if_match", ['"2"', ' "2" ', '"1", "2"', 'W/"1", "2"', '"x,y", "2"'])
+    def test_a_strong_tag_naming_the_current_version_matches_alone_or_in_a_list(
+            self, client, record, corrected, if_match):
+        resp = put(client, "T-0001", {**record, "result": 7.7}, if_match)
+        assert resp.status_code == 200 and resp.json["version"] == 3
+
+    @pytest.mark.parametrize("field, value", [("test_id", "T-0002"), ("clinic_id", "C002"), ("patient_id", "P-43")])
+    def test_an_identity_field_cannot_change(self, client, record, created, field, value):
+        body = assert_problem(put(client, "T-0001", {**record, field: value}, '"1"'), 400)
+        assert [e["field"] for e in body["errors"]] == [field]
+        assert history(client, "T-0001") == [created]
+
+    def test_every_failing_field_is_reported_at_once(self, client, record, created):
+        body = assert_problem(put(client, "T-0001", {**record, "clinic_id": "C002", "patient_id": "bad id",
+                                                     "result": True, "colour": "red"}, '"1"'), 400)
+        assert sorted(e["field"] for e in body["errors"]) == ["clinic_id", "colour", "patient_id", "result"]
+
+    def test_the_service_status_cannot_be_sent(self, client, record, created):
+        body = assert_problem(put(client, "T-0001", {**record, "status": "entered-in-error"}, '"1"'), 400)
+        assert [e["field"] for e in body["errors"]] == ["status"]
+
+    @pytest.mark.parametrize("raw, status", [(b"{", 400), (b"[]", 400), (b'{"result": NaN}', 400)])
+    def test_a_malformed_body_is_refused_like_post(self, client, created, raw, status):
+        resp = client.simulate_put("/tests/T-0001", body=raw, headers={"Content-Type": "application/json",
+                                                                       "If-Match": '"1"'})
+        assert_problem(resp, status)
+
+    def test_a_body_that_is_not_json_is_415(self, client, record, created):
+        resp = client.simulate_put("/tests/T-0001", body=json.dumps(record),
+                                    headers={"Content-Type": "text/plain", "If-Match": '"1"'})
+        assert_problem(resp, 415)
+
+    def test_a_record_that_does_not_exist_is_404_before_anything_else(self, client, record):
+        assert_problem(put(client, "T-0001", record, None), 404)
+
+    def test_a_corrected_record_keeps_its_place_in_the_list(self, client, record, created):
+        post(client, {**record, "test_id": "T-0002"})
+        put(client, "T-0001", {**record, "result": 6.1}, '"1"')
+        listed = client.simulate_get("/tests", params={"clinic_id": "C001"}).json
+        assert [(r["test_id"], r["version"], r["result"]) for r in listed] == [("T-0001", 2, 6.1), ("T-0002", 1, 5.4)]
+
+
+class TestVoid:
+    def test_delete_stores_a_version_entered_in_error_and_keeps_everything(self, client, created, corrected, clock):
+        clock.now += timedelta(seconds=1)
+        resp = delete(client, "T-0001", '"2"', "req-void")
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["etag"] == '"3"'
+        assert resp.json == {**corrected, "status": "entered-in-error", "version": 3,
+                             "updated_at": "2025-06-01T12:00:02.123Z", "request_id": "req-void"}
+        assert client.simulate_get("/tests/T-0001").json == resp.json
+        assert history(client, "T-0001") == [created, corrected, resp.json]
+        assert client.simulate_get("/tests", params={"clinic_id": "C001"}).json == [resp.json]
+
+    def test_delete_without_if_match_is_428(self, client, created):
+        assert_problem(delete(client, "T-0001"), 428)
+        assert history(client, "T-0001") == [created]
+
+    @pytest.mark.parametrize("if_match", ['"1"', "*", 'W/"2"'])
+    def test_delete_with_a_value_not_naming_the_current_version_is_412(self, client, corrected, if_match):
+        assert_problem(delete(client, "T-0001", if_match), 412)
+        assert client.simulate_get("/tests/T-0001").json == corrected
+
+    def test_delete_of_a_missing_record_is_404(self, client):
+        assert_problem(delete(client, "T-0404", '"1"'), 404)
+
+    def test_voiding_a_voided_record_again_is_409_and_changes_nothing(self, client, created):
+        voided = delete(client, "T-0001", '"1"').json
+        body = assert_problem(delete(client, "T-0001", '"2"'), 409)
+        assert body["type"].endswith("already-voided")
+        assert history(client, "T-0001") == [created, voided]
+
+    def test_a_voided_record_can_be_corrected_back(self, client, record, created):
+        delete(client, "T-0001", '"1"', "req-void")
+        resp = put(client, "T-0001", {**record, "status": "corrected"}, '"2"', "req-restore")
+        assert resp.status_code == 200 and resp.json["version"] == 3 and resp.json["status"] == "corrected"
+        assert client.simulate_get("/audit/req-restore").json[0]["action"] == "correct"
+
+
+class TestHistoryAndAudit:
+    def test_history_is_every_version_oldest_first_each_as_it_was(self, client, record, created, corrected):
+        third = put(client, "T-0001", {**record, "unit": "mmol/mol", "result": 41}, '"2"', "req-3").json
+        assert history(client, "T-0001") == [created, corrected, third]
+        assert [(v["version"], v["request_id"]) for v in [created, corrected, third]] == [
+            (1, "req-create"), (2, "req-correct"), (3, "req-3")]
+
+    def test_audit_lists_what_each_request_wrote(self, client, created, corrected):
+        for request_id, version, action, at in [("req-create", 1, "create", created["updated_at"]),
+                                                ("req-correct", 2, "correct", corrected["updated_at"])]:
+            resp = client.simulate_get(f"/audit/{request_id}")
+            assert resp.status_code == 200
+            assert resp.json == [{"test_id": "T-0001", "version": version, "action": action, "at": at}]
+        delete(client, "T-0001", '"2"', "req-void")
+        assert client.simulate_get("/audit/req-void").json == [
+            {"test_id": "T-0001", "version": 3, "action": "void", "at": "2025-06-01T12:00:01.123Z"}]
+
+    def test_audit_of_a_request_that_wrote_nothing_is_an_empty_list(self, client, created):
+        client.simulate_get("/tests/T-0001", headers={"X-Request-ID": "req-read"})
+        for request_id in ("req-read", "never-seen", "has%20space"):
+            resp = client.simulate_get(f"/audit/{request_id}")
+            assert resp.status_code == 200 and resp.json == []
+
+    def test_audit_lists_a_requests_writes_in_the_order_it_made_them(self, settings, record):
+        store = Store(settings.db_path)
+        store.open()
+        conn = sqlite3.connect(settings.db_path, isolation_level=None)
+        conn.execute("BEGIN")
+        for test_id in ("Z", "A", "M"):  # as a batch would: one request, several records
+            store_module._insert_row(conn, {**record, "test_id": test_id}, "req-batch", "2025-06-01T12:00:00.000Z")
+        conn.execute("COMMIT")
+        conn.close()
+        assert [w["test_id"] for w in store.audit("req-batch")] == ["Z", "A", "M"]
+
+
+class AsPrincipal:
+    """Stands in for authentication: every request is made by `principal`."""
+
+    def __init__(self, principal: Principal) -> None:
+        self._principal = principal
+
+    def process_request(self, req, resp) -> None:
+        req.context.principal = self._principal
+
+
+class TestAnotherClinicsRecord:
+    @pytest.fixture
+    def outsider(self, settings, clock, created, corrected):
+        app = create_app(settings, clock=clock)
+        app.add_middleware(AsPrincipal(Principal("k1", frozenset({"read", "ingest"}), frozenset({"C002"}))))
+        return falcon.testing.TestClient(app)
+
+    @pytest.mark.parametrize("method, path, headers, body", [
+        ("GET", "/tests/{}", {}, None),
+        ("GET", "/tests/{}/history", {}, None),
+        ("PUT", "/tests/{}", {"If-Match": '"2"', "Content-Type": "application/json"}, "record"),
+        ("PUT", "/tests/{}", {}, "record"),
+        ("DELETE", "/tests/{}", {"If-Match": '"2"'}, None),
+        ("DELETE", "/tests/{}", {}, None),
+    ])
+    def test_is_404_exactly_as_a_missing_record(self, client, outsider, record, corrected, method, path, headers, body):
+        def ask(test_id):
+            data = json.dumps({**record, "test_id": test_id}) if body else None
+            resp = outsider.simulate_request(method, path.format(test_id), headers={**headers, "X-Request-ID": "r"},
+                                             body=data)
+            return resp.status_code, resp.headers.get("content-type"), resp.json
+
+        assert ask("T-0001") == ask("T-0404")
+        assert ask("T-0001")[0] == 404
+        assert client.simulate_get("/tests/T-0001").json == corrected
+
+    def test_audit_shows_only_the_clinics_the_key_sees(self, outsider):
+        assert outsider.simulate_get("/audit/req-correct").json == []
+
+
+class TestStoreConcurrency:
+    def test_of_two_writers_that_read_the_same_version_exactly_one_succeeds(self, settings, record, created):
+        first, second = Store(settings.db_path), Store(settings.db_path)  # two connections, as two workers
+        assert first.current("T-0001").version == second.current("T-0001").version == 1
+        won = first.correct({**record, "result": 1.0}, expected=frozenset({1}), request_id="a", now="2025-06-01T12:00:01.000Z")
+        with pytest.raises(VersionMismatch) as lost:
+            second.correct({**record, "result": 2.0}, expected=frozenset({1}), request_id="b",
+                           now="2025-06-01T12:00:01.000Z")
+        assert lost.value.current == 2
+        rows, count = second.history_json("T-0001")
+        assert count == 2 and json.loads(rows)[-1] == json.loads(won.doc)
+
+
+class TestTriggers:
+    """History is kept by the database itself, whatever code creates or changes a record."""
+
+    @pytest.fixture
+    def conn(self, settings, created):
+        conn = sqlite3.connect(settings.db_path, isolation_level=None)
+        yield conn
+        conn.close()
+
+    def test_a_record_inserted_by_any_code_path_gets_version_1_in_history(self, client, conn, record):
+        store_module._insert_row(conn, {**record, "test_id": "seeded"}, "req-seed", "2025-06-01T12:00:00.000Z")
+        assert [v["request_id"] for v in history(client, "seeded")] == ["req-seed"]
+
+    @pytest.mark.parametrize("sql", [
+        "DELETE FROM records",
+        "UPDATE records SET doc = '{}'",                        # a change that is not a new version
+        "UPDATE records SET version = version + 2",             # a gap in the versions
+        "UPDATE records SET version = version + 1, clinic_id = 'C9'",
+        "UPDATE records SET version = version + 1, seq = seq + 100",
+        "DELETE FROM record_versions",
+        "UPDATE record_versions SET doc = '{}'",
+    ])
+    def test_records_are_never_deleted_and_versions_never_rewritten(self, client, conn, created, sql):
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute(sql)
+        assert history(client, "T-0001") == [created]
+        assert client.simulate_get("/tests/T-0001").json == created
+
+
+class TestMigration:
+    def test_existing_records_become_version_1_with_their_original_request_id(self, tmp_path, record, clock):
+        path = str(tmp_path / "old.db")
+        conn = sqlite3.connect(path, isolation_level=None)
+        store_module.migrate(conn, upto=2)  # the schema before this migration
+        assert "record_versions" not in {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        conn.execute("BEGIN")
+        old = [json.loads(store_module._insert_row(conn, {**record, "test_id": f"old-{i}"}, f"req-old-{i}",
+                                                   f"2025-01-0{i + 1}T00:00:00.000Z")) for i in range(3)]
+        conn.execute("COMMIT")
+        conn.close()
+
+        client = falcon.testing.TestClient(create_app(Settings(db_path=path, auth="disabled"), clock=clock))
+        schema = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
+        assert schema == store_module.SCHEMA_VERSION
+        for i, doc in enumerate(old):
+            assert history(client, f"old-{i}") == [doc]
+            assert client.simulate_get(f"/audit/req-old-{i}").json == [
+                {"test_id": f"old-{i}", "version": 1, "action": "create", "at": doc["updated_at"]}]
+        # The migrated records go on like any other.
+        resp = put(client, "old-1", {**record, "test_id": "old-1", "result": 1}, '"1"', "req-new")
+        assert resp.json["version"] == 2 and resp.json["created_at"] == old[1]["created_at"]
+        assert [v["version"] for v in history(client, "old-1")] == [1, 2]
+
+
+@pytest.mark.parametrize("value, versions", [
+    (None, None), ("", None), (" \t", None),
+    ('"1"', {1}), ('"1", "22"', {1, 22}), ('W/"1", "2"', {2}), ('"1",,"2"', {1, 2}), ('"a,b", "3"', {3}),
+    ("*", set()), ('W/"1"', set()), ("1", set()), ('"01"', set()), ('"0"', set()), ('"-1"', set()),
+    ('"1" "2"', set()), ('"1', set()), ('""', set()), ('"1" x', set()), ('"1"; "2"', set()),
+])
+def test_if_match_values_and_the_versions_they_name(value, versions):
+    named = versions_named(value)
+    assert named == (None if versions is None else frozenset(versions))
