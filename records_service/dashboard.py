@@ -65,16 +65,18 @@ def render(view: DashboardView) -> str:
 
 def ingest_chart(series: list[tuple[datetime, int]]) -> str:
     """An SVG bar chart of (hour start, count): one bar per hour with records, a label per day."""
-    top = _nice_ceiling(max((count for _, count in series), default=0))
+    step = _nice_step(max((count for _, count in series), default=0) / 4)
+    top = step * max(1, -(-max((count for _, count in series), default=0) // step))
     parts = []
-    for fraction in (0, 0.25, 0.5, 0.75, 1):
-        y = _TOP + _PLOT_HEIGHT * (1 - fraction)
+    for tick in range(0, top + 1, step):
+        y = _TOP + _PLOT_HEIGHT * (1 - tick / top)
         parts.append(f'<line class="grid" x1="{_LEFT}" x2="{_LEFT + _PLOT_WIDTH}" y1="{y:.1f}" y2="{y:.1f}"/>'
                      f'<text class="axis" x="{_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">'
-                     f"{_short_number(top * fraction)}</text>")
+                     f"{_short_number(tick)}</text>")
     for n, (start, count) in enumerate(series):
         x = _LEFT + n * _BAR_STEP
-        if start.hour == 0 or n == 0:
+        # A label per midnight, and one for the first day when enough of it is shown to fit it.
+        if start.hour == 0 or (n == 0 and start.hour <= 12):
             parts.append(f'<line class="day" x1="{x}" x2="{x}" y1="{_TOP}" y2="{_TOP + _PLOT_HEIGHT + 6}"/>'
                          f'<text class="axis" x="{x + 2}" y="{_TOP + _PLOT_HEIGHT + 20}">'
                          f'{start.strftime("%a %d %b")}</text>')
@@ -116,9 +118,10 @@ def _clinics(db: dict) -> str:
         f'<tr data-clinic="{escape(clinic)}" data-total="{total}"><td>{escape(clinic)}</td><td class="num">{total:,}</td>'
         f'<td class="meter"><span style="width:{100 * total / largest:.1f}%"></span></td></tr>'
         for clinic, total in rows)
-    shown = (f"the {len(rows)} largest of {db['clinic_count']:,} clinics" if db["clinic_count"] > len(rows)
-             else f"all {db['clinic_count']:,} clinics")
-    return (f"<section><h2>Records per clinic</h2><p>Showing {shown}, largest first.</p>"
+    count = db["clinic_count"]
+    shown = (f"The {len(rows)} largest of {count:,} clinics." if count > len(rows)
+             else "One clinic." if count == 1 else f"All {count:,} clinics, largest first.")
+    return (f"<section><h2>Records per clinic</h2><p>{shown}</p>"
             f'<table class="clinics"><thead><tr><th>Clinic</th><th class="num">Records</th><th></th></tr></thead>'
             f"<tbody>{body}</tbody></table></section>")
 
@@ -141,14 +144,14 @@ def _failures(view: DashboardView) -> str:
             f"</table></section>")
 
 
-def _nice_ceiling(value: float) -> int:
-    """The smallest of 1, 2, 5 × 10^k at least `value` (at least 1), so axis labels are round."""
-    step = 1
+def _nice_step(value: float) -> int:
+    """The smallest of 1, 2, 5 × 10^k at least `value`: gridlines at whole, round counts."""
+    scale = 1
     while True:
         for multiple in (1, 2, 5):
-            if step * multiple >= value:
-                return step * multiple
-        step *= 10
+            if scale * multiple >= value:
+                return scale * multiple
+        scale *= 10
 
 
 def _short_number(value: float) -> str:
@@ -176,7 +179,7 @@ def _duration(seconds: float) -> str:
         return f"{days} d {hours} h {minutes} min"
     if hours:
         return f"{hours} h {minutes} min"
-    return f"{minutes} min {secs} s"
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
 def _iso(moment: datetime) -> str:
