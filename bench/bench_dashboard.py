@@ -51,7 +51,7 @@ from records_service.validate import validate_record  # noqa: E402
 
 CHUNK = 20_000
 HISTORY = timedelta(days=10)
-TRIGGERS = ("records_counted", "records_uncounted", "records_recounted")
+TRIGGERS = ("records_counted",)
 
 
 def stamp(moment: datetime) -> str:

@@ -44,10 +44,11 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX records_by_clinic ON records (clinic_id, seq);
     """,
-    # Counters for the dashboard, kept by triggers so every way of creating a record (one
+    # Counters for the dashboard, kept by a trigger so every way of creating a record (one
     # POST, a batch, seed) counts it, and the dashboard never scans `records`. A record is
-    # counted once, at ingest, in the UTC hour of its `created_at`; corrections and voids
-    # update the row in place without touching clinic_id or created_at, so they count nothing.
+    # counted once, at ingest, in the UTC hour of its `created_at`. Records are never deleted
+    # and corrections and voids update the row in place, keeping clinic_id and created_at:
+    # they count nothing. `check` recounts, to prove it.
     5: """
     CREATE TABLE clinic_counts (
         clinic_id TEXT PRIMARY KEY,
@@ -60,20 +61,6 @@ MIGRATIONS: dict[int, str] = {
     INSERT INTO clinic_counts (clinic_id, total) SELECT clinic_id, count(*) FROM records GROUP BY clinic_id;
     INSERT INTO hourly_ingest (hour, total) SELECT substr(created_at, 1, 13), count(*) FROM records GROUP BY 1;
     CREATE TRIGGER records_counted AFTER INSERT ON records BEGIN
-        INSERT INTO clinic_counts (clinic_id, total) VALUES (NEW.clinic_id, 1)
-            ON CONFLICT (clinic_id) DO UPDATE SET total = total + 1;
-        INSERT INTO hourly_ingest (hour, total) VALUES (substr(NEW.created_at, 1, 13), 1)
-            ON CONFLICT (hour) DO UPDATE SET total = total + 1;
-    END;
-    CREATE TRIGGER records_uncounted AFTER DELETE ON records BEGIN
-        UPDATE clinic_counts SET total = total - 1 WHERE clinic_id = OLD.clinic_id;
-        UPDATE hourly_ingest SET total = total - 1 WHERE hour = substr(OLD.created_at, 1, 13);
-    END;
-    CREATE TRIGGER records_recounted AFTER UPDATE OF clinic_id, created_at ON records
-    WHEN OLD.clinic_id IS NOT NEW.clinic_id OR substr(OLD.created_at, 1, 13) IS NOT substr(NEW.created_at, 1, 13)
-    BEGIN
-        UPDATE clinic_counts SET total = total - 1 WHERE clinic_id = OLD.clinic_id;
-        UPDATE hourly_ingest SET total = total - 1 WHERE hour = substr(OLD.created_at, 1, 13);
         INSERT INTO clinic_counts (clinic_id, total) VALUES (NEW.clinic_id, 1)
             ON CONFLICT (clinic_id) DO UPDATE SET total = total + 1;
         INSERT INTO hourly_ingest (hour, total) VALUES (substr(NEW.created_at, 1, 13), 1)
@@ -225,14 +212,13 @@ class Store:
         """
         try:
             clinic_count, records = self._read(
-                "SELECT count(*), coalesce(sum(total), 0) FROM clinic_counts WHERE total > 0")[0]
+                "SELECT count(*), coalesce(sum(total), 0) FROM clinic_counts")[0]
             return {
                 "records": records,
                 "clinic_count": clinic_count,
-                "clinics": self._read("SELECT clinic_id, total FROM clinic_counts WHERE total > 0"
-                                      " ORDER BY total DESC, clinic_id LIMIT ?", (top_clinics,)),
-                "hours": dict(self._read("SELECT hour, total FROM hourly_ingest WHERE hour >= ? AND total > 0",
-                                         (since_hour,))),
+                "clinics": self._read("SELECT clinic_id, total FROM clinic_counts ORDER BY total DESC, clinic_id LIMIT ?",
+                                      (top_clinics,)),
+                "hours": dict(self._read("SELECT hour, total FROM hourly_ingest WHERE hour >= ?", (since_hour,))),
                 "schema_version": self._read("PRAGMA user_version")[0][0],
                 "journal_mode": self._read("PRAGMA journal_mode")[0][0],
                 "database_bytes": _file_size(self._path),
@@ -312,9 +298,9 @@ def backup_database(source: str, dest: str, *, busy_timeout_ms: int = 5000) -> d
 # Each counter table against the truth it summarises, as (truth, kept) queries.
 _COUNTERS = {
     "clinic_counts": ("SELECT clinic_id, count(*) FROM records GROUP BY 1",
-                      "SELECT clinic_id, total FROM clinic_counts WHERE total != 0"),
+                      "SELECT clinic_id, total FROM clinic_counts"),
     "hourly_ingest": ("SELECT substr(created_at, 1, 13), count(*) FROM records GROUP BY 1",
-                      "SELECT hour, total FROM hourly_ingest WHERE total != 0"),
+                      "SELECT hour, total FROM hourly_ingest"),
 }
 
 

@@ -22,8 +22,8 @@ def make(test_id: str, clinic_id: str = "C001") -> dict:
 def counters(path) -> tuple[dict, dict]:
     conn = sqlite3.connect(path)
     try:
-        return (dict(conn.execute("SELECT clinic_id, total FROM clinic_counts WHERE total != 0")),
-                dict(conn.execute("SELECT hour, total FROM hourly_ingest WHERE total != 0")))
+        return (dict(conn.execute("SELECT clinic_id, total FROM clinic_counts")),
+                dict(conn.execute("SELECT hour, total FROM hourly_ingest")))
     finally:
         conn.close()
 
@@ -54,23 +54,19 @@ def test_every_insert_is_counted_by_clinic_and_by_hour_of_ingest(db):
     assert counters(db) == ({"C001": 2, "C002": 1}, {"2025-06-01T10": 1, "2025-06-01T11": 2})
 
 
-def test_a_correction_in_place_counts_nothing_a_move_or_delete_recounts(db):
+def test_a_correction_in_place_counts_nothing(db):
     conn = sqlite3.connect(db, isolation_level=None)
-    # What a correction does (issue 6): the row changes in place, created_at and clinic_id do not.
-    conn.execute("UPDATE records SET version = 2, status = 'corrected', updated_at = '2025-06-02T00:00:00.000Z',"
-                 " doc = doc WHERE test_id = 'a'")
-    assert counters(db) == ({"C001": 2, "C002": 1}, {"2025-06-01T10": 1, "2025-06-01T11": 2})
-    conn.execute("UPDATE records SET clinic_id = 'C002', created_at = '2025-06-03T05:00:00.000Z' WHERE test_id = 'a'")
-    assert counters(db) == ({"C001": 1, "C002": 2}, {"2025-06-01T11": 2, "2025-06-03T05": 1})
-    conn.execute("DELETE FROM records WHERE test_id = 'c'")
-    assert counters(db) == ({"C001": 1, "C002": 1}, {"2025-06-01T11": 1, "2025-06-03T05": 1})
+    # What a correction or void does (issue 6): the row changes in place, clinic_id and created_at do not.
+    conn.execute("UPDATE records SET version = 2, status = 'corrected', updated_at = '2025-06-02T00:00:00.000Z'"
+                 " WHERE test_id = 'a'")
     conn.close()
+    assert counters(db) == ({"C001": 2, "C002": 1}, {"2025-06-01T10": 1, "2025-06-01T11": 2})
 
 
 def test_migration_5_counts_the_records_an_older_schema_already_holds(tmp_path):
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path, isolation_level=None)
-    migrate(conn, upto=1)
+    migrate(conn, upto=4)  # the schema before the counters
     for n, clinic in enumerate(["C001", "C001", "C002"]):
         _insert_row(conn, make(f"t{n}", clinic), "r", f"2025-06-01T0{n}:00:00.000Z")
     migrate(conn)
