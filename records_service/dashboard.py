@@ -135,13 +135,14 @@ def _failures(view: DashboardView) -> str:
         f'<tr><td>{escape(str(f.get("at", "")))}</td><td class="num bad">{escape(str(f.get("status", "")))}</td>'
         f'<td>{escape(str(f.get("type", "")))}</td><td>{escape(str(f.get("method", "")))} '
         f'{escape(str(f.get("path", "")))}</td><td><code>{escape(str(f.get("request_id", "")))}</code></td>'
-        f'<td class="num">{escape(str(f.get("pid", "")))}</td></tr>'
+        f'<td class="num">{escape(str(f.get("pid", "")))}</td><td class="num">{f.get("repeats", 1):,}</td></tr>'
         for f in view.failures)
-    return (f"<section>{heading}<p>The last {len(view.failures)} of {view.failures_total:,} responses with status "
-            f"500 or more since the service started, newest first; grep the logs for the request ID.</p>"
+    return (f"<section>{heading}<p>{view.failures_total:,} responses with status 500 or more since the service "
+            f"started; the last {len(view.failures)} distinct ones, newest first (a failure repeated back to back "
+            f"is one row, with its latest time and request ID). Grep the logs for the request ID.</p>"
             f'<table class="failures"><thead><tr><th>At (UTC)</th><th class="num">Status</th><th>Problem</th>'
-            f'<th>Request</th><th>Request ID</th><th class="num">Worker</th></tr></thead><tbody>{body}</tbody>'
-            f"</table></section>")
+            f'<th>Request</th><th>Request ID</th><th class="num">Worker</th><th class="num">Times</th></tr></thead>'
+            f"<tbody>{body}</tbody></table></section>")
 
 
 def _nice_step(value: float) -> int:

@@ -22,14 +22,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-_HEADER = struct.Struct("<Q")  # how many failures were ever recorded
+_HEADER = struct.Struct("<QQ")  # entries written to the ring, failures recorded
 SLOTS = 50
 MAX_CHARS = 120  # per string value: even fully \u-escaped (6 bytes a character), five fit a slot
 _SLOT_BYTES = 4096
+# A failure that repeats the newest entry in these members adds to its `repeats` instead of
+# taking a slot, so a readiness probe failing every few seconds does not push out the rest.
+SAME_FAILURE = ("status", "type", "method", "path")
 
 
 class FailureLog:
-    """The last `SLOTS` failures, one JSON object each, in a ring that forked processes share.
+    """The last `SLOTS` distinct failures, one JSON object each, in a ring forked processes share.
 
     The ring is an anonymous in-memory file: writes and reads use pwrite/pread at fixed
     offsets under a POSIX record lock, which belongs to the process holding it, so forked
@@ -42,25 +45,31 @@ class FailureLog:
 
     def record(self, entry: dict) -> None:
         """Keep `entry` (a flat dict of strings and numbers); long strings are cut so one fits a slot."""
-        cut = {k: v[:MAX_CHARS] if isinstance(v, str) else v for k, v in entry.items()}
-        data = json.dumps(cut, ensure_ascii=True, separators=(",", ":")).encode()
-        if len(data) > _SLOT_BYTES:
-            raise ValueError(f"a failure entry must fit {_SLOT_BYTES} bytes (got {len(data)})")
+        entry = {k: v[:MAX_CHARS] if isinstance(v, str) else v for k, v in entry.items()}
         with self._locked(fcntl.LOCK_EX):
-            (count,) = _HEADER.unpack(os.pread(self._fd, _HEADER.size, 0))
-            os.pwrite(self._fd, data.ljust(_SLOT_BYTES, b" "), _HEADER.size + (count % SLOTS) * _SLOT_BYTES)
-            os.pwrite(self._fd, _HEADER.pack(count + 1), 0)
+            written, failures = _HEADER.unpack(os.pread(self._fd, _HEADER.size, 0))
+            newest = self._slot(written - 1) if written else None
+            if newest is not None and all(newest.get(k) == entry.get(k) for k in SAME_FAILURE):
+                self._write_slot(written - 1, {**entry, "repeats": newest.get("repeats", 1) + 1})
+            else:
+                self._write_slot(written, {**entry, "repeats": 1})
+                written += 1
+            os.pwrite(self._fd, _HEADER.pack(written, failures + 1), 0)
 
     def recent(self) -> tuple[int, list[dict]]:
-        """(failures ever recorded, the last ones newest first)."""
+        """(failures ever recorded, the last distinct ones newest first, each with its `repeats`)."""
         with self._locked(fcntl.LOCK_SH):
-            raw = os.pread(self._fd, _HEADER.size + SLOTS * _SLOT_BYTES, 0)
-        (count,) = _HEADER.unpack_from(raw)
-        entries = []
-        for n in range(count - 1, max(count - SLOTS, 0) - 1, -1):
-            start = _HEADER.size + (n % SLOTS) * _SLOT_BYTES
-            entries.append(json.loads(raw[start:start + _SLOT_BYTES]))
-        return count, entries
+            written, failures = _HEADER.unpack(os.pread(self._fd, _HEADER.size, 0))
+            return failures, [self._slot(n) for n in range(written - 1, max(written - SLOTS, 0) - 1, -1)]
+
+    def _slot(self, n: int) -> dict:
+        return json.loads(os.pread(self._fd, _SLOT_BYTES, _HEADER.size + (n % SLOTS) * _SLOT_BYTES))
+
+    def _write_slot(self, n: int, entry: dict) -> None:
+        data = json.dumps(entry, ensure_ascii=True, separators=(",", ":")).encode()
+        if len(data) > _SLOT_BYTES:
+            raise ValueError(f"a failure entry must fit {_SLOT_BYTES} bytes (got {len(data)})")
+        os.pwrite(self._fd, data.ljust(_SLOT_BYTES, b" "), _HEADER.size + (n % SLOTS) * _SLOT_BYTES)
 
     @contextmanager
     def _locked(self, kind: int) -> Iterator[None]:
