@@ -16,10 +16,11 @@ One run on this machine:
      index, records per hour of created_at), median of --rounds;
   4. measures what the triggers cost writers, with and without them (same schema, triggers
      dropped), --rounds alternating pairs each: CPU time per row of 100,000-row fills in
-     20,000-row transactions through the store (as a bulk import or seed would), and wrk
-     POST /tests runs of --duration seconds (bench/post_tests.lua, 2 threads, 16 connections)
-     against two servers started alike (wrk installed with apt-get when missing); prints
-     medians and ratios.
+     20,000-row transactions through the store (as a bulk import or seed would) and per
+     single-record transaction (Store.insert, as POST /tests); then wrk POST /tests runs of
+     --duration seconds (bench/post_tests.lua, 2 threads, 16 connections) against two servers
+     started alike (wrk installed with apt-get when missing), with the workers' CPU time per
+     request read from /proc; prints medians and ratios.
 Every gunicorn it started is stopped at the end (SIGTERM, then wait), on error and Ctrl-C too.
 """
 
@@ -159,18 +160,24 @@ def new_database(path: Path, triggers: bool) -> Path:
     return path
 
 
-def bulk_costs(work_dir: Path, rounds: int) -> dict[bool, list[float]]:
-    """CPU microseconds per row (process time: steadier than wall time on a shared machine) of
-    100,000-row fills in CHUNK-row transactions, with and without the triggers, alternating."""
-    results: dict[bool, list[float]] = {True: [], False: []}
-    pairs = list(records(100_000, 1000, "bulk-"))  # generated once: only the inserts are timed
+def store_costs(work_dir: Path, rounds: int) -> dict[tuple[str, bool], list[float]]:
+    """CPU microseconds (process time: steadier than wall time on a shared machine) per row of
+    100,000-row fills in CHUNK-row transactions, and per single-record transaction
+    (Store.insert, as POST /tests does), with and without the triggers, alternating."""
+    results: dict[tuple[str, bool], list[float]] = {(kind, t): [] for kind in ("bulk", "single") for t in (True, False)}
+    bulk = list(records(100_000, 1000, "bulk-"))  # generated once: only the inserts are timed
+    single = list(records(4000, 1000, "single-", seed=7))
     for n in range(rounds):
         for triggers in ((True, False) if n % 2 == 0 else (False, True)):
-            path = new_database(work_dir / f"bulk-{triggers}-{n}.db", triggers)
+            path = new_database(work_dir / f"store-{triggers}-{n}.db", triggers)
             store = Store(str(path))
             started = time.process_time()
-            count = fill(store, iter(pairs))
-            results[triggers].append((time.process_time() - started) / count * 1e6)
+            fill(store, iter(bulk))
+            results["bulk", triggers].append((time.process_time() - started) / len(bulk) * 1e6)
+            started = time.process_time()
+            for record, created in single:
+                store.insert(record, request_id="bench", now=created)
+            results["single", triggers].append((time.process_time() - started) / len(single) * 1e6)
             store.close()
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
@@ -195,12 +202,27 @@ def post_costs(work_dir: Path, rounds: int, duration: float) -> dict[bool, list[
             run_wrk(wrk, "POST", servers[triggers].url, wrk_args, 2)  # warm-up
         for n in range(rounds):
             for triggers in ((True, False) if n % 2 == 0 else (False, True)):
+                before = cpu_seconds(servers[triggers])
                 result, _ = run_wrk(wrk, "POST", servers[triggers].url, wrk_args, duration)
+                result["cpu_us_per_request"] = (cpu_seconds(servers[triggers]) - before) / result["requests"] * 1e6
                 results[triggers].append(result)
     finally:
         for server in servers.values():
             server.stop()
     return results
+
+
+def cpu_seconds(server: Server) -> float:
+    """User + system CPU time of the server's workers so far: unlike req/s, other load on the
+    machine does not change it much."""
+    ticks = 0
+    for pid in server.worker_pids():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a worker that just exited
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -253,16 +275,21 @@ def main(argv: list[str]) -> int:
             log(f"  {name:52s} {ms:8.1f} ms")
 
         log(f"\nwhat the triggers cost writers ({args.rounds} alternating rounds each, medians):")
-        bulk = {k: statistics.median(v) for k, v in bulk_costs(work_dir, args.rounds).items()}
-        log(f"  store, CPU per row in {CHUNK:,}-row transactions (_insert_row, json.dumps included): "
-            f"with {bulk[True]:.1f} us   without {bulk[False]:.1f} us   (+{bulk[True] - bulk[False]:.1f} us a row)")
+        costs = {k: statistics.median(v) for k, v in store_costs(work_dir, args.rounds).items()}
+        for kind, what in (("bulk", f"a row in {CHUNK:,}-row transactions"), ("single", "a single-record transaction")):
+            with_, without = costs[kind, True], costs[kind, False]
+            log(f"  store, CPU for {what:38s} with {with_:5.1f} us   without {without:5.1f} us   (+{with_ - without:.1f} us)")
         posts = post_costs(work_dir, args.rounds, args.duration)
         rps = {k: statistics.median(r["rps"] for r in v) for k, v in posts.items()}
+        cpu = {k: statistics.median(r["cpu_us_per_request"] for r in v) for k, v in posts.items()}
         non2xx = sum(r["non2xx"] + r["socket_errors"] for v in posts.values() for r in v)
-        log(f"  HTTP, POST /tests req/s (wrk -t2 -c16 -d{args.duration:g}s): with {rps[True]:9,.0f}   "
-            f"without {rps[False]:9,.0f}   ratio {rps[True] / rps[False]:.2f}   (non-2xx or errors: {non2xx})")
+        log(f"  HTTP, POST /tests (wrk -t2 -c16 -d{args.duration}s), non-2xx or errors: {non2xx}")
+        log(f"    worker CPU per request: with {cpu[True]:7.0f} us   without {cpu[False]:7.0f} us"
+            f"   ratio {cpu[True] / cpu[False]:.3f}")
+        log(f"    requests/s:             with {rps[True]:7,.0f}      without {rps[False]:7,.0f}"
+            f"      ratio {rps[True] / rps[False]:.2f}  (wall clock: moves with the machine's other load)")
         for triggers, runs in posts.items():
-            rates = ", ".join(f"{run['rps']:,.0f}" for run in runs)
+            rates = ", ".join(f"{run['rps']:,.0f} req/s {run['cpu_us_per_request']:.0f} us" for run in runs)
             log(f"    triggers={triggers!s:5} runs: {rates}")
     return 0
 
