@@ -12,6 +12,7 @@ import sys
 # gunicorn reads this file before it puts the working directory on sys.path.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from records_service import runtime
 from records_service.config import ConfigError, load_dotenv_file, load_settings
 from records_service.logs import logging_config
 
@@ -27,6 +28,12 @@ except ConfigError as exc:
 # A factory call, evaluated in each worker after fork: no SQLite connection is ever inherited.
 wsgi_app = "records_service.app:create_app()"
 preload_app = False
+
+# -- shared runtime state ------------------------------------------------------------------
+# Made here, in the master, before any fork: every worker inherits the same start time (the
+# dashboard's uptime is the service's) and the same log of recent failures. A reload (HUP)
+# keeps both; nothing in it touches the database.
+runtime.share()
 
 # -- sockets -------------------------------------------------------------------------------
 # Loopback by default; put a reverse proxy in front, or pass -b 0.0.0.0:8000 deliberately.

@@ -11,7 +11,9 @@ import logging.config
 import os
 import sys
 
+from . import store
 from .config import ConfigError, Settings, load_dotenv_file, load_settings
+from .errors import StoreBusy, StoreUnavailable
 from .logs import logging_config
 from .trace import entries_of, timeline
 
@@ -44,14 +46,58 @@ def run_trace(args: argparse.Namespace, settings: Settings) -> int:
     return 2 if unreadable else 0 if entries else 1
 
 
+def run_backup(args: argparse.Namespace, settings: Settings) -> int:
+    """Copy RECORDS_DB_PATH to DEST with SQLite's backup API, consistent while the service writes."""
+    try:
+        copied = store.backup_database(settings.db_path, args.dest, busy_timeout_ms=settings.busy_timeout_ms)
+    except StoreBusy:
+        print("records_service backup: the database stayed locked past the busy bound; nothing written",
+              file=sys.stderr)
+        return 1
+    except (StoreUnavailable, OSError) as exc:
+        print(f"records_service backup: {exc}", file=sys.stderr)
+        return 1
+    print(f"backed up {copied['records']} records (schema version {copied['schema_version']}) to {args.dest}")
+    return 0
+
+
+def run_check(args: argparse.Namespace, settings: Settings) -> int:
+    """Integrity, schema version and dashboard counters of a database (RECORDS_DB_PATH or PATH)."""
+    path = args.path or settings.db_path
+    try:
+        facts = store.check_database(path, busy_timeout_ms=settings.busy_timeout_ms)
+    except StoreBusy:
+        print(f"records_service check: {path} stayed locked past the busy bound", file=sys.stderr)
+        return 1
+    except StoreUnavailable as exc:
+        print(f"records_service check: {exc}", file=sys.stderr)
+        return 1
+    problems = [f"integrity: {line}" for line in facts["integrity"] if line != "ok"]
+    if facts["schema_version"] != store.SCHEMA_VERSION:
+        problems.append(f"schema version {facts['schema_version']}, this code expects {store.SCHEMA_VERSION}"
+                        " (starting the service migrates an older one forward)")
+    problems += [f"{table}: {count} counter rows disagree with the records" for table, count
+                 in facts.get("counter_mismatches", {}).items() if count]
+    print(f"{path}: integrity {'ok' if facts['integrity'] == ['ok'] else 'FAILED'}, "
+          f"schema version {facts['schema_version']}, {facts['records']} records")
+    for problem in problems:
+        print(f"problem: {problem}")
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m records_service")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    # each command registers itself here: commands.add_parser(...).set_defaults(run=run_<name>)
     trace = commands.add_parser("trace", help="print one request's log lines as a timeline")
     trace.add_argument("request_id", metavar="REQUEST_ID")
     trace.add_argument("logfiles", metavar="LOGFILE", nargs="*", help="JSON log files (default: standard input, or -)")
     trace.set_defaults(run=run_trace)
+    backup = commands.add_parser("backup", help="copy the database, consistently, while the service runs")
+    backup.add_argument("dest", metavar="DEST", help="the new file to write (must not exist)")
+    backup.set_defaults(run=run_backup)
+    check = commands.add_parser("check", help="verify integrity and schema version; non-zero exit on failure")
+    check.add_argument("path", metavar="PATH", nargs="?", help="database to check (default: RECORDS_DB_PATH)")
+    check.set_defaults(run=run_check)
     return parser
 
 

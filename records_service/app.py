@@ -9,11 +9,13 @@ from typing import Callable
 
 import falcon
 
-from . import errors
+from . import errors, runtime
 from .config import Settings, load_settings
 from .lifecycle import Audit, History, Record
 from .middleware import RequestContext
+from .operations import Dashboard, FailureRecorder, OpenAPIDocument, Ready
 from .resources import Health, TestsCollection
+from .runtime import Runtime
 from .store import Store
 
 log = logging.getLogger("records_service.app")
@@ -23,10 +25,13 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime] = utc_now) -> falcon.App:
+def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime] = utc_now,
+               shared: Runtime | None = None) -> falcon.App:
     """Build the WSGI app. Without `settings`, they are read from the environment of this process
-    (which gunicorn.conf.py has already validated and filled from `.env`)."""
+    (which gunicorn.conf.py has already validated and filled from `.env`). Without `shared`,
+    the runtime state comes from the gunicorn master (see runtime.share) or is this app's own."""
     settings = settings or load_settings(os.environ)
+    shared = shared or runtime.current()
     store = Store(settings.db_path, synchronous=settings.synchronous, busy_timeout_ms=settings.busy_timeout_ms)
     try:
         store.open()
@@ -34,9 +39,12 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
         # Keep serving: /health answers and the store retries on the next request that needs it.
         log.error("database not ready at start-up: %s", exc)
 
-    app = falcon.App(middleware=[RequestContext()])
+    app = falcon.App(middleware=[RequestContext(), FailureRecorder(shared.failures, clock)])
     errors.install(app)
+    app.add_route("/", Dashboard(store, shared, clock))
     app.add_route("/health", Health())
+    app.add_route("/ready", Ready(store))
+    app.add_route("/openapi.json", OpenAPIDocument())
     app.add_route("/tests", TestsCollection(store, clock, settings.max_body_bytes))
     app.add_route("/tests/{test_id}", Record(store, clock, settings.max_body_bytes))
     app.add_route("/tests/{test_id}/history", History(store))

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sqlite3
+from pathlib import Path
 from typing import Callable, Iterable, NamedTuple, TypeVar
 
 from .errors import AlreadyVoided, DuplicateRecord, StoreBusy, StoreUnavailable, VersionMismatch
@@ -85,6 +86,29 @@ MIGRATIONS: dict[int, str] = {
         SELECT RAISE(ABORT, 'record versions are append-only');
     END;
     """,
+    # Counters for the dashboard, kept by a trigger so every way of creating a record (one
+    # POST, a batch, seed) counts it, and the dashboard never scans `records`. A record is
+    # counted once, at ingest, in the UTC hour of its `created_at`. Records are never deleted
+    # and corrections and voids update the row in place, keeping clinic_id and created_at:
+    # they count nothing. `check` recounts, to prove it.
+    5: """
+    CREATE TABLE clinic_counts (
+        clinic_id TEXT PRIMARY KEY,
+        total     INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE hourly_ingest (
+        hour    TEXT PRIMARY KEY,           -- created_at's first 13 characters: 2025-06-01T12
+        total   INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO clinic_counts (clinic_id, total) SELECT clinic_id, count(*) FROM records GROUP BY clinic_id;
+    INSERT INTO hourly_ingest (hour, total) SELECT substr(created_at, 1, 13), count(*) FROM records GROUP BY 1;
+    CREATE TRIGGER records_counted AFTER INSERT ON records BEGIN
+        INSERT INTO clinic_counts (clinic_id, total) VALUES (NEW.clinic_id, 1)
+            ON CONFLICT (clinic_id) DO UPDATE SET total = total + 1;
+        INSERT INTO hourly_ingest (hour, total) VALUES (substr(NEW.created_at, 1, 13), 1)
+            ON CONFLICT (hour) DO UPDATE SET total = total + 1;
+    END;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -110,14 +134,21 @@ class Store:
         self._busy_timeout_ms = busy_timeout_ms
         self._conn: sqlite3.Connection | None = None
         self._pid: int | None = None
+        self._file_id: tuple[int, int] | None = None
 
     # -- connection and schema -------------------------------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
+        if self._conn is not None and self._pid == os.getpid() and _file_id(self._path) != self._file_id:
+            # The file or its directory was removed (or swapped) under us: an open connection
+            # would go on acknowledging writes into an unlinked file, so open the path afresh.
+            log.warning("the database file is no longer at its path; reopening")
+            self.close()
         if self._conn is None or self._pid != os.getpid():
             self._conn = None
             self._conn = self._open()
             self._pid = os.getpid()
+            self._file_id = _file_id(self._path)
         return self._conn
 
     def _open(self) -> sqlite3.Connection:
@@ -271,6 +302,168 @@ class Store:
     def count(self) -> int:
         return self._read("SELECT count(*) FROM records")[0][0]
 
+    # -- operations ------------------------------------------------------------------------
+
+    def readiness(self) -> dict:
+        """Prove this process can read and take the write lock within the busy bound.
+
+        Raises StoreBusy (locked past the bound) or StoreUnavailable.
+        """
+
+        def probe(conn: sqlite3.Connection) -> dict:
+            conn.execute("SELECT 1 FROM records LIMIT 1").fetchall()
+            return {"journal_mode": conn.execute("PRAGMA journal_mode").fetchone()[0],
+                    "schema_version": conn.execute("PRAGMA user_version").fetchone()[0]}
+
+        try:
+            return self._write(probe)  # commits an empty transaction: nothing is written
+        except sqlite3.Error as exc:
+            # Busy is StoreBusy already; anything else (read-only file system, not a database)
+            # means this process cannot serve.
+            raise StoreUnavailable(f"database check failed: {exc}") from exc
+
+    def dashboard_counts(self, since_hour: str, top_clinics: int) -> dict:
+        """What the dashboard shows, from the counter tables (migration 5): never a scan of records.
+
+        `since_hour` is an hour key (`2025-06-01T12`); `clinics` holds the `top_clinics`
+        largest clinics, `clinic_count` and `records` cover all of them.
+        """
+        try:
+            clinic_count, records = self._read(
+                "SELECT count(*), coalesce(sum(total), 0) FROM clinic_counts")[0]
+            return {
+                "records": records,
+                "clinic_count": clinic_count,
+                "clinics": self._read("SELECT clinic_id, total FROM clinic_counts ORDER BY total DESC, clinic_id LIMIT ?",
+                                      (top_clinics,)),
+                "hours": dict(self._read("SELECT hour, total FROM hourly_ingest WHERE hour >= ?", (since_hour,))),
+                "schema_version": self._read("PRAGMA user_version")[0][0],
+                "journal_mode": self._read("PRAGMA journal_mode")[0][0],
+                "database_bytes": _file_size(self._path),
+                "wal_bytes": _file_size(self._path + "-wal"),
+            }
+        except sqlite3.Error as exc:  # busy is StoreBusy already: this is a file that cannot be read
+            raise StoreUnavailable(f"cannot read the dashboard counters: {exc}") from exc
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+# -- whole-database operations for the command line ----------------------------------------
+
+def _open_existing(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+    """A read-only connection to a database that must already exist (never creates one)."""
+    if not os.path.isfile(path):
+        raise StoreUnavailable(f"no database file at {path}")
+    try:
+        conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None,
+                               timeout=busy_timeout_ms / 1000)
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"cannot open {path}: {exc}") from exc
+    return conn
+
+
+def backup_database(source: str, dest: str, *, busy_timeout_ms: int = 5000) -> dict:
+    """Copy the database at `source` into the new file `dest`, safely while it is being served.
+
+    One backup step copies every page inside one read transaction, so the copy is the
+    database as of one commit and writers carry on meanwhile (WAL). Copying a few pages per
+    step would restart whenever another connection writes: under load, possibly for ever.
+    The copy is built beside `dest`, switched to rollback-journal mode so it is one
+    self-contained file, synced, and only then renamed into place.
+    """
+    if os.path.lexists(dest):
+        raise FileExistsError(f"{dest} already exists; back up to a new name")
+    partial = f"{dest}.partial"
+    src = _open_existing(source, busy_timeout_ms)
+    try:
+        dst = sqlite3.connect(partial, isolation_level=None)
+        try:
+            src.backup(dst)
+            dst.execute("PRAGMA journal_mode = DELETE")
+            summary = _summary(dst)
+        finally:
+            dst.close()
+        _fsync(partial)
+        os.replace(partial, dest)
+        _fsync(os.path.dirname(os.path.abspath(dest)))
+    except sqlite3.Error as exc:
+        _remove(partial)
+        if _is_busy(exc):
+            raise StoreBusy() from exc
+        raise StoreUnavailable(f"backup failed: {exc}") from exc
+    except BaseException:
+        _remove(partial)
+        raise
+    finally:
+        src.close()
+    log.info("backup written", extra=summary)
+    return summary
+
+
+# Each counter table against the truth it summarises, as (truth, kept) queries.
+_COUNTERS = {
+    "clinic_counts": ("SELECT clinic_id, count(*) FROM records GROUP BY 1",
+                      "SELECT clinic_id, total FROM clinic_counts"),
+    "hourly_ingest": ("SELECT substr(created_at, 1, 13), count(*) FROM records GROUP BY 1",
+                      "SELECT hour, total FROM hourly_ingest"),
+}
+
+
+def check_database(path: str, *, busy_timeout_ms: int = 5000) -> dict:
+    """Facts about the database at `path`, read-only: SQLite's integrity_check, the schema
+    version, the record count and, from schema 5, how many counter rows disagree with a
+    recount of `records` (0 when the triggers kept them right)."""
+    conn = _open_existing(path, busy_timeout_ms)
+    try:
+        facts = {"integrity": [row[0] for row in conn.execute("PRAGMA integrity_check")], **_summary(conn)}
+        if facts["schema_version"] >= 5:
+            facts["counter_mismatches"] = {
+                table: conn.execute(f"SELECT count(*) FROM ({truth} EXCEPT {kept})").fetchone()[0]
+                + conn.execute(f"SELECT count(*) FROM ({kept} EXCEPT {truth})").fetchone()[0]
+                for table, (truth, kept) in _COUNTERS.items()
+            }
+    except sqlite3.Error as exc:
+        if _is_busy(exc):
+            raise StoreBusy() from exc
+        raise StoreUnavailable(f"cannot check {path}: {exc}") from exc
+    finally:
+        conn.close()
+    return facts
+
+
+def _summary(conn: sqlite3.Connection) -> dict:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    records = conn.execute("SELECT count(*) FROM records").fetchone()[0] if version else 0
+    return {"schema_version": version, "records": records}
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
 
 def _insert_row(conn: sqlite3.Connection, record: dict, request_id: str, now: str) -> str:
     """Insert one validated record at version 1 inside the caller's transaction; return its JSON.
@@ -326,16 +519,16 @@ def migrate(conn: sqlite3.Connection, upto: int = SCHEMA_VERSION) -> None:
 def _statements(script: str) -> list[str]:
     """Split a migration into statements so they run inside our transaction.
 
-    `executescript()` would COMMIT first. Pieces between semicolons are joined until SQLite
-    calls them complete, so a trigger body (statements inside BEGIN ... END) stays whole.
+    `executescript()` would COMMIT first. Pieces are joined until SQLite calls them complete,
+    so a trigger body (`BEGIN ...; ...; END`) or a semicolon inside a string stays whole.
     """
     statements, pending = [], ""
     for piece in script.split(";"):
         pending += piece + ";"
         if sqlite3.complete_statement(pending):
-            if pending.strip(" \n;"):
+            if pending.strip(" \t\n;"):
                 statements.append(pending.strip())
             pending = ""
-    if pending.strip(" \n;"):
+    if pending.strip(" \t\n;"):
         raise ValueError(f"incomplete statement in migration: {pending.strip()[:60]}")
     return statements

@@ -9,9 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
@@ -112,3 +114,46 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
         self._log.close()
+
+
+class Writers:
+    """Client threads POSTing new records to a server until the block ends.
+
+    `acknowledged` lists, in order, the test_ids answered 201. A thread stops at its first
+    connection error (the server died under it: that record was never acknowledged).
+    """
+
+    def __init__(self, server: Server, make_record: Callable[[str], dict], prefix: str, threads: int = 8) -> None:
+        self.acknowledged: list[str] = []
+        self._server, self._make_record, self._prefix = server, make_record, prefix
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._write, args=(n,)) for n in range(threads)]
+
+    def _write(self, client_no: int) -> None:
+        i = 0
+        while not self._stop.is_set():
+            test_id = f"{self._prefix}{client_no}-{i}"
+            try:
+                resp = self._server.request("POST", "/tests", self._make_record(test_id), timeout=5)
+            except (OSError, http.client.HTTPException):
+                return
+            if resp.status == 201:
+                self.acknowledged.append(test_id)
+            i += 1
+
+    def wait_for(self, count: int, deadline_s: float = 30) -> None:
+        deadline = time.monotonic() + deadline_s
+        while len(self.acknowledged) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only {len(self.acknowledged)} writes acknowledged within {deadline_s}s")
+            time.sleep(0.01)
+
+    def __enter__(self) -> "Writers":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()

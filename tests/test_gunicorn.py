@@ -10,7 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.live import request
+from tests.live import Writers, request
 
 
 def make_record(test_id: str, clinic_id: str = "C001", **extra) -> dict:
@@ -58,30 +58,10 @@ def test_32_concurrent_writers_get_only_201s_and_every_record_is_stored_once(sta
 
 def test_an_acknowledged_record_survives_kill_9_of_the_whole_process_group(start_server, tmp_path):
     server = start_server(workers=3)
-    acknowledged: list[str] = []
-    stop = threading.Event()
-
-    def write(client_no: int) -> None:
-        i = 0
-        while not stop.is_set():
-            test_id = f"k{client_no}-{i}"
-            try:
-                resp = server.request("POST", "/tests", make_record(test_id), timeout=5)
-            except (OSError, http.client.HTTPException):
-                return  # the server died under us: this one was never acknowledged
-            if resp.status == 201:
-                acknowledged.append(test_id)
-            i += 1
-
-    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    while len(acknowledged) < 200:
-        time.sleep(0.01)
-    server.kill()  # SIGKILL to master and workers while writes are in flight
-    stop.set()
-    for t in threads:
-        t.join()
+    with Writers(server, make_record, prefix="k") as writers:
+        writers.wait_for(200)
+        server.kill()  # SIGKILL to master and workers while writes are in flight
+    acknowledged = writers.acknowledged
 
     restarted = start_server(workers=2, db_path=server.db_path)
     stored = set(clinic_ids(restarted, "C001"))
