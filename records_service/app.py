@@ -11,7 +11,7 @@ import falcon
 
 from . import errors
 from .config import Settings, load_settings
-from .middleware import RequestContext
+from .middleware import Authenticate, RequestContext
 from .resources import Health, TestsCollection
 from .store import Store
 
@@ -33,8 +33,15 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
         # Keep serving: /health answers and the store retries on the next request that needs it.
         log.error("database not ready at start-up: %s", exc)
 
-    app = falcon.App(middleware=[RequestContext()])
+    if settings.auth == "disabled":
+        # Once per worker start: an operator must not miss that every request is served as admin.
+        log.warning("access control is DISABLED (RECORDS_AUTH=disabled): every request is served "
+                    "without a key, as admin; use this only for local experiments", extra={"pid": os.getpid()})
+
+    authenticate = Authenticate(store, required=settings.auth == "required")
+    app = falcon.App(middleware=[RequestContext(), authenticate])
     errors.install(app)
     app.add_route("/health", Health())
     app.add_route("/tests", TestsCollection(store, clock, settings.max_body_bytes))
+    authenticate.learn_routes(app)  # after the last add_route
     return app
