@@ -160,7 +160,7 @@ def snapshot(db_path: Path) -> dict[str, list]:
     try:
         tables = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
                   if name != "api_keys"]
-        return {name: conn.execute(f'SELECT * FROM "{name}" ORDER BY rowid').fetchall() for name in tables}
+        return {name: sorted(conn.execute(f'SELECT * FROM "{name}"').fetchall(), key=repr) for name in tables}
     finally:
         conn.close()
 
