@@ -58,6 +58,16 @@ def test_every_scenario_of_every_served_route_holds_through_gunicorn_and_no_key_
         assert parse_token(token)[1] not in output
 
 
+def _workers(server: Server, count: int, deadline_s: float = 20) -> list[int]:
+    """The worker pids once there are `count` of them (the first may answer before the last is forked)."""
+    deadline = time.monotonic() + deadline_s
+    while len(server.worker_pids()) != count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pids = server.worker_pids()
+    assert len(pids) == count, f"{pids} after {deadline_s}s"
+    return pids
+
+
 def _get_until_every_worker_answered(server: Server, token: str, worker_pids: list[int],
                                      deadline_s: float = 30) -> dict[str, int]:
     """GET with `token` from 8 threads until each worker has answered at least once (the
@@ -82,8 +92,7 @@ def _get_until_every_worker_answered(server: Server, token: str, worker_pids: li
 
 def test_a_revoked_key_is_refused_from_the_next_request_in_every_worker(start_server):
     server = start_server(workers=3, RECORDS_AUTH="required")
-    workers = server.worker_pids()
-    assert len(workers) == 3
+    workers = _workers(server, 3)
     made = run_cli(server.db_path, "keys", "create", "--role", "read", "--clinic", CLINIC, "--name", "lab A")
     assert made.returncode == 0, made.stderr
     token = made.stdout.splitlines()[-1]
@@ -122,14 +131,14 @@ def _wait_for_warnings_from(server: Server, pids: list[int], deadline_s: float =
 
 def test_disabled_access_control_warns_at_every_worker_start(start_server):
     server = start_server(workers=2, RECORDS_AUTH="disabled")
-    first = server.worker_pids()
+    first = _workers(server, 2)
     assert _wait_for_warnings_from(server, first) == set(first)
     assert server.request("GET", f"/tests?clinic_id={CLINIC}").status == 200
 
     os.kill(first[0], signal.SIGKILL)  # gunicorn starts a replacement worker, which warns again
     deadline = time.monotonic() + 20
-    while (len(server.worker_pids()) < 2 or first[0] in server.worker_pids()) and time.monotonic() < deadline:
+    while first[0] in server.worker_pids() and time.monotonic() < deadline:
         time.sleep(0.05)
-    now = server.worker_pids()
-    assert len(now) == 2 and first[0] not in now
+    now = _workers(server, 2)
+    assert first[0] not in now
     assert _wait_for_warnings_from(server, now) == set(first) | set(now)
