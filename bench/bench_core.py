@@ -1,7 +1,8 @@
 """Core benchmark: records_service against a bare Falcon app, same gunicorn, same load.
 
     .venv/bin/python bench/bench_core.py [--duration 10] [--connections 16] [--workers N]
-                                         [--rounds 3] [--no-synchronous-compare] [--profile]
+                                         [--rounds 3] [--no-synchronous-compare] [--no-auth-compare]
+                                         [--profile]
 
 One run on this machine:
   1. installs wrk (`apt-get install -y wrk`) when it is missing;
@@ -16,10 +17,14 @@ One run on this machine:
      random existing clinics (GET first, so every page read is the 100-record page): each
      scenario as --rounds pairs of wrk runs, alternating bare/ours (and which one goes first),
      after a short warm-up of each;
+     With --auth-compare (the default) a third server, ours with RECORDS_AUTH=required on the
+     same database ("ours-auth"), takes part in the same rounds; one API key (ingest and read,
+     every clinic, made with keys.create_key) goes with every request to all three servers
+     (BENCH_AUTHORIZATION, read by common.lua), so they receive the very same bytes;
   6. POST throughput of ours with RECORDS_SYNCHRONOUS=NORMAL against FULL, alternating;
   7. prints medians, ours/bare ratios and PASS/MISS against the targets (POST >= 0.60 of the
-     bare app's requests/s with zero non-2xx, GET >= 0.50), and writes the raw runs as JSON
-     to bench/results/ (git-ignored).
+     bare app's requests/s with zero non-2xx, GET >= 0.50; ours-auth >= 0.90 of ours), and
+     writes the raw runs as JSON to bench/results/ (git-ignored).
 Every gunicorn it started is stopped at the end (SIGTERM, then wait), on error and Ctrl-C too.
 """
 
@@ -57,6 +62,7 @@ import records_gen  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 VENV_BIN = Path(sys.executable).parent
 GUNICORN = str(VENV_BIN / "gunicorn") if (VENV_BIN / "gunicorn").exists() else "gunicorn"
 TARGETS = {"POST": 0.60, "GET": 0.50}
+AUTH_TARGET = 0.90  # ours-auth keeps at least 90% of ours' requests/s
 SCRIPTS = {"POST": BENCH_DIR / "post_tests.lua", "GET": BENCH_DIR / "get_tests.lua"}
 PROBE_CLINIC = "C9999"  # sizing probes go here, outside the 1,000 clinics the load uses
 
@@ -182,10 +188,11 @@ class Server:
         raise BenchError(f"{self.name} did not answer on {self.url} within {ready_timeout:.0f}s "
                          f"({last_error})\n{self.output_tail()}")
 
-    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 10) -> tuple[int, bytes]:
+    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 10,
+                headers: dict | None = None) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
-            headers = {"Content-Type": "application/json"} if body is not None else {}
+            headers = {**({"Content-Type": "application/json"} if body is not None else {}), **(headers or {})}
             conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
             return resp.status, resp.read()
@@ -200,6 +207,18 @@ class Server:
         except OSError:
             return []
         return [int(c) for c in children]
+
+    def workers_cpu_s(self) -> float:
+        """CPU seconds (user + system) the workers have used so far: per request, a figure that
+        other load on a shared machine disturbs far less than requests per second."""
+        ticks = 0
+        for pid in self.worker_pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # a worker that just exited
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def output_tail(self, lines: int = 40) -> str:
         try:
@@ -290,8 +309,9 @@ def measure(wrk: str, scenario: str, servers: list[Server], args: argparse.Names
     for rnd in range(1, args.rounds + 1):
         order = servers if rnd % 2 else list(reversed(servers))
         for server in order:
-            before = loadavg()
+            before, cpu_before = loadavg(), server.workers_cpu_s()
             result, output = run_wrk(wrk, scenario, server.url, args, args.duration, script_args(server))
+            result["cpu_ms_per_req"] = 1000 * (server.workers_cpu_s() - cpu_before) / max(result["requests"], 1)
             run = Run(scenario, server.name, rnd, result, before, output)
             runs.append(run)
             log(fmt_run(run))
@@ -308,7 +328,41 @@ def summarise(runs: list[Run], scenario: str, app: str) -> dict:
         "socket_errors": sum(r["socket_errors"] for r in mine),
         "requests": sum(r["requests"] for r in mine),
         "rps_all": [round(r["rps"], 1) for r in mine],
+        "cpu_ms_per_req": statistics.median(r["cpu_ms_per_req"] for r in mine),
     }
+
+
+def paired_ratios(runs: list[Run], scenario: str, app: str, baseline: str) -> list[float]:
+    """app/baseline req/s of each round: the two runs of a round are minutes apart at most, so
+    drift in the machine's other load cancels out more than between medians."""
+    rps = {(r.app, r.round): r.result["rps"] for r in runs if r.scenario == scenario}
+    return [rps[(app, n)] / rps[(baseline, n)] for (name, n) in rps if name == app and (baseline, n) in rps]
+
+
+def start_with_auth(db_path: Path, workers: int, ours_env: dict, tmp: Path) -> Server:
+    """Ours with RECORDS_AUTH=required on the same database, and one key that wrk sends to every
+    server from now on (common.lua reads BENCH_AUTHORIZATION; the others ignore the header).
+    The key is made as `keys create` makes it and never printed."""
+    from records_service import keys
+    from records_service.store import Store
+
+    store = Store(str(db_path))
+    key_id, token = keys.create_key(store, name="bench", roles=["ingest", "read"], clinics=None,
+                                    now=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z"))
+    store.close()
+    os.environ["BENCH_AUTHORIZATION"] = f"Bearer {token}"  # wrk inherits this process's environment
+    port = free_port()
+    server = Server("ours-auth", gunicorn_argv(port, workers, None), {**ours_env, "RECORDS_AUTH": "required"},
+                    tmp / "ours-auth.log", port)
+    server.start()
+    probe = "/tests?clinic_id=" + records_gen.clinic_id(1)
+    statuses = (server.request("GET", probe, headers={"Authorization": f"Bearer {token}"})[0],
+                server.request("GET", probe)[0])
+    if statuses != (200, 401):
+        raise BenchError(f"ours-auth answered {statuses} with and without the key, expected (200, 401)")
+    log(f"ours-auth on {server.url} (pid {server.proc.pid}), RECORDS_AUTH=required, key {key_id}: "
+        + shlex.join(server.argv))
+    return server
 
 
 # -- sizing ------------------------------------------------------------------------------------
@@ -362,7 +416,9 @@ def profile(wrk: str, scenario: str, server: Server, args: argparse.Namespace, o
         raise BenchError(f"py-spy failed ({spy.returncode}): {err}")
     log(f"\n[profile] {scenario} /tests on {server.name} under py-spy (250 Hz, on-CPU samples only): "
         f"{result['rps']:.1f} req/s; raw stacks: {raw}")
-    log(profile_summary(raw, top=args.profile_top))
+    # On ours-auth, how much of the workers' CPU authentication takes: what it can cost req/s.
+    focus = "Authenticate.process_resource" if server.name == "ours-auth" else None
+    log(profile_summary(raw, top=args.profile_top, focus=focus))
     return raw
 
 
@@ -388,7 +444,7 @@ def _module_group(frame: str) -> str:
     return f"stdlib {top.removesuffix('.py')}"
 
 
-def profile_summary(raw: Path, top: int = 20) -> str:
+def profile_summary(raw: Path, top: int = 20, focus: str | None = None) -> str:
     """Self time by module, then self and inclusive time per function, from py-spy's collapsed
     stacks (idle excluded, so the shares are of the workers' CPU time)."""
     inclusive: dict[str, int] = {}
@@ -412,6 +468,9 @@ def profile_summary(raw: Path, top: int = 20) -> str:
     for frame, n in self_time.items():
         groups[_module_group(frame)] = groups.get(_module_group(frame), 0) + n
     lines = [f"  {total} on-CPU samples over all workers; self time by module:"]
+    if focus:
+        share = sum(n for frame, n in inclusive.items() if frame.startswith(focus + " "))
+        lines.insert(0, f"  {focus} and all it calls: {100 * share / total:.1f}% of the workers' on-CPU samples")
     lines += [f"  {100 * n / total:5.1f}%  {g}" for g, n in sorted(groups.items(), key=lambda kv: -kv[1])[:12]]
     by_self = sorted(self_time.items(), key=lambda kv: -kv[1])[:top]
     by_incl = sorted(((f, n) for f, n in inclusive.items() if not _BOOT_FRAMES.search(f)),
@@ -471,6 +530,26 @@ def report(runs: list[Run], scenarios: list[str], sync_runs: list[Run], args, si
         if s["ours"]["socket_errors"] or s["bare"]["socket_errors"]:
             out.append(f"      note: socket errors (connect/read/write/timeout): ours {s['ours']['socket_errors']},"
                        f" bare {s['bare']['socket_errors']}")
+    if args.auth_compare:
+        out.append("")
+        out.append(f"== RECORDS_AUTH: ours-auth (required, a key looked up on every request) vs ours (disabled),"
+                   f" same rounds ==")
+        for scenario in scenarios:
+            on, off = summarise(runs, scenario, "ours-auth"), summarise(runs, scenario, "ours")
+            out.append(f"{scenario:9}{'auth':6}{on['rps']:10.1f}{on['p50_ms']:10.2f}{on['p99_ms']:10.2f}"
+                       f"{on['non2xx']:9d}{on['socket_errors']:10d}   {on['rps_all']}")
+        for scenario in scenarios:
+            on, off = summarise(runs, scenario, "ours-auth"), summarise(runs, scenario, "ours")
+            ratio = on["rps"] / off["rps"]
+            paired = statistics.median(paired_ratios(runs, scenario, "ours-auth", "ours"))
+            ok = ratio >= AUTH_TARGET and on["non2xx"] == 0
+            all_pass &= ok
+            out.append(f"{scenario:5} auth/ours: req/s {ratio:.3f} ({100 * (ratio - 1):+.1f}%), median of per-round "
+                       f"ratios {paired:.3f}   p50 {on['p50_ms'] / off['p50_ms']:.2f}x   p99 "
+                       f"{on['p99_ms'] / off['p99_ms']:.2f}x   target >= {AUTH_TARGET:.2f} with zero non-2xx: "
+                       f"{'PASS' if ok else 'MISS'}")
+            out.append(f"      worker CPU per request (median): ours {off['cpu_ms_per_req']:.3f} ms, ours-auth "
+                       f"{on['cpu_ms_per_req']:.3f} ms ({100 * (on['cpu_ms_per_req'] / off['cpu_ms_per_req'] - 1):+.1f}%)")
     if sync_runs:
         n = summarise(sync_runs, "POST", "ours-NORMAL")
         f = summarise(sync_runs, "POST", "ours-FULL")
@@ -515,6 +594,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "keeps every page at 100 records)")
     p.add_argument("--synchronous-compare", action=argparse.BooleanOptionalAction, default=True,
                    help="also compare POST throughput of ours with RECORDS_SYNCHRONOUS=NORMAL and FULL")
+    p.add_argument("--auth-compare", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure ours with RECORDS_AUTH=required (a key on every request) in the same rounds")
     p.add_argument("--clinics", type=int, default=records_gen.CLINICS, help=argparse.SUPPRESS)
     p.add_argument("--per-clinic", type=int, default=records_gen.RECORDS_PER_CLINIC, help=argparse.SUPPRESS)
     p.add_argument("--tmpdir", default=None, help="where the temporary database and server logs go")
@@ -588,9 +669,16 @@ def main(argv: list[str]) -> int:
         log(f"ours on {ours.url} (pid {ours.proc.pid}), bare on {bare.url} (pid {bare.proc.pid})")
         log("first command lines:\n  ours: " + shlex.join(ours.argv) + "\n  bare: " + shlex.join(bare.argv))
 
+        compared = [bare, ours]
+        if args.auth_compare:
+            auth = start_with_auth(db_path, args.workers, ours_env, tmp)
+            servers.append(auth)
+            compared.append(auth)
         for scenario in args.scenarios:
             log(f"\n{scenario} /tests: warm-up {args.warmup:g}s each, then {args.rounds} rounds")
-            measure(wrk, scenario, [bare, ours], args, runs)
+            measure(wrk, scenario, compared, args, runs)
+        if args.auth_compare:
+            auth.stop()
 
         if args.synchronous_compare:
             bare.stop()
@@ -612,8 +700,11 @@ def main(argv: list[str]) -> int:
         if args.profile:
             if args.synchronous_compare:  # the bare app was stopped for the synchronous part
                 bare.start()
+            if args.auth_compare:  # stopped after its rounds, to leave the machine to the others
+                auth.start()
+                compared = [ours, bare, auth]
             for scenario in args.scenarios:
-                for server in (ours, bare):
+                for server in compared:
                     profile(wrk, scenario, server, args, tmp)
 
         json_path = Path(args.json) if args.json else BENCH_DIR / "results" / (

@@ -18,7 +18,7 @@ local CLINICS = 1000
 
 local nonce = "00000000"
 local counter = 0
-local headers = {["Content-Type"] = "application/json"}
+local headers = with_auth({["Content-Type"] = "application/json"})
 
 function init(args)
    nonce = args[1] or nonce

@@ -10,12 +10,18 @@ import argparse
 import logging.config
 import os
 import sys
+from datetime import datetime, timezone
 
-from . import store
+from . import keys, store
 from .config import ConfigError, Settings, load_dotenv_file, load_settings
 from .errors import StoreBusy, StoreUnavailable
 from .logs import logging_config
+from .resources import utc_millis
+from .store import Store
 from .trace import entries_of, timeline
+from .validate import check_id
+
+MAX_KEY_NAME_CHARS = 100
 
 
 def run_trace(args: argparse.Namespace, settings: Settings) -> int:
@@ -85,9 +91,100 @@ def run_check(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if problems else 0
 
 
+def _store(settings: Settings) -> Store:
+    """The database the server uses; opened (and migrated) at its first use."""
+    return Store(settings.db_path, synchronous=settings.synchronous, busy_timeout_ms=settings.busy_timeout_ms)
+
+
+def _now() -> str:
+    return utc_millis(datetime.now(timezone.utc))
+
+
+def _clinic(value: str) -> str:
+    problem = check_id(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"clinic id {value!r} {problem}")
+    return value
+
+
+def _key_name(value: str) -> str:
+    if not value.strip() or len(value) > MAX_KEY_NAME_CHARS or not value.isprintable():
+        raise argparse.ArgumentTypeError(f"a key name is 1 to {MAX_KEY_NAME_CHARS} printable characters")
+    return value.strip()
+
+
+def _scope(clinics: list[str] | None) -> str:
+    return "every clinic" if clinics is None else ", ".join(clinics)
+
+
+def run_keys_create(args: argparse.Namespace, settings: Settings) -> int:
+    roles = sorted(set(args.role), key=keys.ROLES.index)
+    clinics = None if args.all_clinics else sorted(set(args.clinic))
+    try:
+        key_id, token = keys.create_key(_store(settings), name=args.name, roles=roles, clinics=clinics, now=_now())
+    except ValueError as exc:
+        print(f"records_service: {exc}", file=sys.stderr)
+        return 2
+    print(f"created key {key_id} ({args.name}) in {os.path.abspath(settings.db_path)}")
+    print(f"  roles:   {', '.join(roles)}")
+    print(f"  clinics: {_scope(clinics)}")
+    print("The key follows, alone on the last line. It is shown only now and stored only as a hash:")
+    print("keep it secret; send it as Authorization: Bearer <key>.")
+    print(token)
+    return 0
+
+
+def run_keys_list(args: argparse.Namespace, settings: Settings) -> int:
+    listed = _store(settings).list_keys()
+    if not listed:
+        print(f"no keys in {os.path.abspath(settings.db_path)}; create one with: "
+              "python -m records_service keys create --role admin --all-clinics --name NAME")
+        return 0
+    rows = [("KEY_ID", "STATUS", "ROLES", "CLINICS", "CREATED", "NAME")]
+    rows += [(k["key_id"], f"revoked {k['revoked_at']}" if k["revoked_at"] else "active", ",".join(k["roles"]),
+              "*" if k["clinics"] is None else ",".join(k["clinics"]), k["created_at"], k["name"]) for k in listed]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+def run_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    result = _store(settings).revoke_key(args.key_id, _now())
+    if result is None:
+        print(f"records_service: no key {args.key_id!r} in {os.path.abspath(settings.db_path)} "
+              "(see: python -m records_service keys list)", file=sys.stderr)
+        return 1
+    key, changed = result
+    if changed:
+        print(f"revoked key {key['key_id']} ({key['name']}): every request with it is refused from now on")
+    else:
+        print(f"key {key['key_id']} ({key['name']}) was already revoked at {key['revoked_at']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m records_service")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    key_commands = commands.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
+        dest="keys_command", required=True, metavar="create|list|revoke")
+    create = key_commands.add_parser(
+        "create", help="create a key and print it once",
+        description="Create an API key. --role and --clinic may be repeated; the key is printed once, "
+                    "alone on the last line of standard output.")
+    create.add_argument("--role", action="append", required=True, choices=keys.ROLES,
+                        help="ingest (write records), read (read records), admin (everything); repeatable")
+    scope = create.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--clinic", action="append", type=_clinic, metavar="CLINIC_ID",
+                       help="a clinic the key may access; repeatable")
+    scope.add_argument("--all-clinics", action="store_true", help="the key may access every clinic")
+    create.add_argument("--name", required=True, type=_key_name, help='who or what uses the key, e.g. "lab A"')
+    create.set_defaults(run=run_keys_create)
+    key_commands.add_parser("list", help="list every key (never a secret)").set_defaults(run=run_keys_list)
+    revoke = key_commands.add_parser("revoke", help="revoke a key: refused from the next request on")
+    revoke.add_argument("key_id", metavar="KEY_ID", help="the key's public id, as `keys list` shows it")
+    revoke.set_defaults(run=run_keys_revoke)
     trace = commands.add_parser("trace", help="print one request's log lines as a timeline")
     trace.add_argument("request_id", metavar="REQUEST_ID")
     trace.add_argument("logfiles", metavar="LOGFILE", nargs="*", help="JSON log files (default: standard input, or -)")
@@ -110,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"records_service: configuration error: {exc}", file=sys.stderr)
         return 2
     logging.config.dictConfig(logging_config(settings.log_level))
-    return args.run(args, settings)
+    try:
+        return args.run(args, settings)
+    except (StoreUnavailable, StoreBusy) as exc:
+        print(f"records_service: the database {settings.db_path} cannot be used now: {exc or 'busy'}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

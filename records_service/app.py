@@ -12,7 +12,7 @@ import falcon
 from . import errors, runtime
 from .config import Settings, load_settings
 from .lifecycle import Audit, History, Record
-from .middleware import RequestContext
+from .middleware import Authenticate, RequestContext
 from .operations import Dashboard, FailureRecorder, OpenAPIDocument, Ready
 from .resources import Health, TestsCollection
 from .runtime import Runtime
@@ -39,7 +39,13 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
         # Keep serving: /health answers and the store retries on the next request that needs it.
         log.error("database not ready at start-up: %s", exc)
 
-    app = falcon.App(middleware=[RequestContext(), FailureRecorder(shared.failures, clock)])
+    if settings.auth == "disabled":
+        # Once per worker start: an operator must not miss that every request is served as admin.
+        log.warning("access control is DISABLED (RECORDS_AUTH=disabled): every request is served "
+                    "without a key, as admin; use this only for local experiments", extra={"pid": os.getpid()})
+
+    authenticate = Authenticate(store, required=settings.auth == "required")
+    app = falcon.App(middleware=[RequestContext(), authenticate, FailureRecorder(shared.failures, clock)])
     errors.install(app)
     app.add_route("/", Dashboard(store, shared, clock))
     app.add_route("/health", Health())
@@ -49,4 +55,5 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
     app.add_route("/tests/{test_id}", Record(store, clock, settings.max_body_bytes))
     app.add_route("/tests/{test_id}/history", History(store))
     app.add_route("/audit/{request_id}", Audit(store))
+    authenticate.learn_routes(app)  # after the last add_route
     return app

@@ -12,13 +12,15 @@ import time
 from contextvars import ContextVar
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+# The public id of the API key a request authenticated with, set by middleware.Authenticate.
+key_id_var: ContextVar[str | None] = ContextVar("key_id", default=None)
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is logged.
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, message, request_id, then any extras."""
+    """One JSON object per line: ts, level, logger, message, request_id, key_id, then any extras."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -31,6 +33,9 @@ class JsonFormatter(logging.Formatter):
         request_id = request_id_var.get()
         if request_id is not None:
             entry["request_id"] = request_id
+        key_id = key_id_var.get()
+        if key_id is not None:
+            entry["key_id"] = key_id
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and key not in entry:
                 entry[key] = value

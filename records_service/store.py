@@ -86,6 +86,17 @@ MIGRATIONS: dict[int, str] = {
         SELECT RAISE(ABORT, 'record versions are append-only');
     END;
     """,
+    4: """
+    CREATE TABLE api_keys (
+        key_id        TEXT PRIMARY KEY,     -- public: listings and logs name a key by it
+        name          TEXT NOT NULL,
+        roles         TEXT NOT NULL,        -- JSON array of ingest, read, admin
+        clinics       TEXT,                 -- JSON array of clinic ids, NULL for every clinic
+        secret_sha256 TEXT NOT NULL,        -- hex SHA-256 of the secret, never the secret
+        created_at    TEXT NOT NULL,
+        revoked_at    TEXT                  -- NULL while the key is valid
+    );
+    """,
     # Counters for the dashboard, kept by a trigger so every way of creating a record (one
     # POST, a batch, seed) counts it, and the dashboard never scans `records`. A record is
     # counted once, at ingest, in the UTC hour of its `created_at`. Records are never deleted
@@ -345,6 +356,46 @@ class Store:
         except sqlite3.Error as exc:  # busy is StoreBusy already: this is a file that cannot be read
             raise StoreUnavailable(f"cannot read the dashboard counters: {exc}") from exc
 
+    # -- API keys --------------------------------------------------------------------------
+    # Only the hash of a key's secret is stored. find_key runs on every authenticated request
+    # (a primary-key lookup, no cache), so a revocation holds from the next request everywhere.
+
+    def create_key(self, *, key_id: str, name: str, roles: list[str], clinics: list[str] | None,
+                   secret_sha256: str, created_at: str) -> None:
+        self._write(lambda conn: conn.execute(
+            "INSERT INTO api_keys (key_id, name, roles, clinics, secret_sha256, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (key_id, name, json.dumps(roles), None if clinics is None else json.dumps(clinics),
+             secret_sha256, created_at)))
+        log.info("api key created", extra={"key_id": key_id})
+
+    def find_key(self, key_id: str) -> dict | None:
+        rows = self._read("SELECT secret_sha256, roles, clinics, revoked_at FROM api_keys WHERE key_id = ?", (key_id,))
+        if not rows:
+            return None
+        secret_sha256, roles, clinics, revoked_at = rows[0]
+        return {"secret_sha256": secret_sha256, "roles": json.loads(roles), "clinics": _clinics(clinics),
+                "revoked_at": revoked_at}
+
+    def list_keys(self) -> list[dict]:
+        """Every key, oldest first, without its hash."""
+        return [_key_listing(row) for row in self._read(f"SELECT {_KEY_LISTING} FROM api_keys ORDER BY created_at, key_id")]
+
+    def revoke_key(self, key_id: str, now: str) -> tuple[dict, bool] | None:
+        """Revoke a key: (its listing, whether this call revoked it), or None when there is no such key."""
+
+        def work(conn: sqlite3.Connection) -> tuple[dict, bool] | None:
+            changed = conn.execute("UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                                   (now, key_id)).rowcount == 1
+            row = conn.execute(f"SELECT {_KEY_LISTING} FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+            return (_key_listing(row), changed) if row else None
+
+        result = self._write(work)
+        if result and result[1]:
+            log.info("api key revoked", extra={"key_id": key_id})
+        return result
+
+
 def _file_id(path: str) -> tuple[int, int] | None:
     try:
         stat = os.stat(path)
@@ -463,6 +514,19 @@ def _remove(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
+
+
+_KEY_LISTING = "key_id, name, roles, clinics, created_at, revoked_at"
+
+
+def _key_listing(row: tuple) -> dict:
+    key_id, name, roles, clinics, created_at, revoked_at = row
+    return {"key_id": key_id, "name": name, "roles": json.loads(roles), "clinics": _clinics(clinics),
+            "created_at": created_at, "revoked_at": revoked_at}
+
+
+def _clinics(column: str | None) -> list[str] | None:
+    return None if column is None else json.loads(column)
 
 
 def _insert_row(conn: sqlite3.Connection, record: dict, request_id: str, now: str) -> str:

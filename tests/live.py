@@ -25,6 +25,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_cli(db_path: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`python -m records_service ARGS` as an operator runs it, on the database at `db_path`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECORDS_")}
+    env.update(RECORDS_DB_PATH=str(db_path), PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "records_service", *args], cwd=Path(db_path).parent, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 @dataclass
 class Response:
     status: int

@@ -125,7 +125,7 @@ def test_content_type_parameters_are_accepted(client, record):
 
 
 def test_a_body_over_the_limit_is_413_without_being_read(tmp_path, record):
-    app = create_app(Settings(db_path=str(tmp_path / "r.db"), max_body_bytes=100))
+    app = create_app(Settings(db_path=str(tmp_path / "r.db"), max_body_bytes=100, auth="disabled"))
 
     class Unreadable(io.RawIOBase):
         def readinto(self, buffer):
@@ -138,7 +138,7 @@ def test_a_body_over_the_limit_is_413_without_being_read(tmp_path, record):
 
 def test_a_body_at_the_limit_is_accepted_and_one_byte_more_is_413(tmp_path, record, clock):
     body = json.dumps(record).encode()
-    app = create_app(Settings(db_path=str(tmp_path / "r.db"), max_body_bytes=len(body)), clock=clock)
+    app = create_app(Settings(db_path=str(tmp_path / "r.db"), max_body_bytes=len(body), auth="disabled"), clock=clock)
     client = falcon.testing.TestClient(app)
     assert post(client, body).status_code == 201
     assert_problem(post(client, body + b" "), 413)
@@ -169,7 +169,7 @@ def test_a_500_reveals_nothing_but_the_request_id(settings, record, caplog):
 
 
 def test_a_database_that_cannot_be_opened_is_503_not_500(tmp_path, record):
-    client = falcon.testing.TestClient(create_app(Settings(db_path=str(tmp_path / "missing" / "r.db"))))
+    client = falcon.testing.TestClient(create_app(Settings(db_path=str(tmp_path / "missing" / "r.db"), auth="disabled")))
     assert client.simulate_get("/health").status_code == 200
     resp = post(client, record)
     assert_problem(resp, 503)

@@ -92,7 +92,7 @@ def test_chromium_draws_the_ingest_chart(chromium, start_server, tmp_path, recor
     db_path = tmp_path / "records.db"
     now = datetime.now(timezone.utc)
     clock = Clock(now)
-    client = falcon.testing.TestClient(create_app(Settings(db_path=str(db_path)), clock=clock))
+    client = falcon.testing.TestClient(create_app(Settings(db_path=str(db_path), auth="disabled"), clock=clock))
     expected_hours = set()
     for hours_ago in range(2, 160):
         moment = now - timedelta(hours=hours_ago)

@@ -76,7 +76,7 @@ def test_ready_is_503_when_the_file_is_not_a_database(tmp_path):
 def test_ready_is_503_when_the_directory_is_removed_under_the_running_app(tmp_path, record):
     data = tmp_path / "data"
     data.mkdir()
-    client = falcon.testing.TestClient(create_app(Settings(db_path=str(data / "r.db"))))
+    client = falcon.testing.TestClient(create_app(Settings(db_path=str(data / "r.db"), auth="disabled")))
     assert post(client, record).status_code == 201
     assert client.simulate_get("/ready").status_code == 200
     shutil.rmtree(data)
@@ -86,7 +86,7 @@ def test_ready_is_503_when_the_directory_is_removed_under_the_running_app(tmp_pa
 def test_writes_stop_once_the_directory_is_removed_instead_of_going_into_the_unlinked_file(tmp_path, record):
     data = tmp_path / "data"
     data.mkdir()
-    client = falcon.testing.TestClient(create_app(Settings(db_path=str(data / "r.db"))))
+    client = falcon.testing.TestClient(create_app(Settings(db_path=str(data / "r.db"), auth="disabled")))
     assert post(client, record).status_code == 201
     shutil.rmtree(data)
     assert_problem(post(client, {**record, "test_id": "after"}), 503)
@@ -104,7 +104,7 @@ print(resp.status_code, resp.text)
 def test_ready_is_503_when_the_file_cannot_be_read(tmp_path, record):
     """The app runs in a subprocess; as root, without the capabilities that bypass file permissions."""
     path = tmp_path / "r.db"
-    assert post(falcon.testing.TestClient(create_app(Settings(db_path=str(path)))), record).status_code == 201
+    assert post(falcon.testing.TestClient(create_app(Settings(db_path=str(path), auth="disabled"))), record).status_code == 201
     for name in os.listdir(tmp_path):
         os.chmod(tmp_path / name, 0)
     without_override = []
@@ -168,7 +168,7 @@ def test_dashboard_lists_server_failures_and_still_renders_without_the_database(
     """A failure recorded by one request is shown by another, even while the database is gone."""
     data = tmp_path / "data"
     data.mkdir()
-    client = falcon.testing.TestClient(create_app(Settings(db_path=str(data / "r.db")), clock=clock))
+    client = falcon.testing.TestClient(create_app(Settings(db_path=str(data / "r.db"), auth="disabled"), clock=clock))
     shutil.rmtree(data)
     failed = client.simulate_post("/tests", body=json.dumps(record), headers={
         "Content-Type": "application/json", "X-Request-ID": "fails-1"})

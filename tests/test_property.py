@@ -59,7 +59,7 @@ valid_records = st.fixed_dictionaries(
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     db = tmp_path_factory.mktemp("prop") / "records.db"
-    return falcon.testing.TestClient(create_app(Settings(db_path=str(db)), clock=Clock(NOW)))
+    return falcon.testing.TestClient(create_app(Settings(db_path=str(db), auth="disabled"), clock=Clock(NOW)))
 
 
 PROPERTY_SETTINGS = hyp_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,0 +1,158 @@
+"""API keys: what is stored of them, how a presented key is judged, migration 4, and the
+`keys` command line (run as a real process, as an operator runs it)."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import subprocess
+
+import pytest
+
+from records_service import keys, store as store_module
+from records_service.access import Principal
+from records_service.store import Store
+from tests.live import run_cli
+
+NOW = "2025-06-01T12:00:00.000Z"
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(str(tmp_path / "records.db"))
+    s.open()
+    yield s
+    s.close()
+
+
+def test_a_token_names_its_key_and_carries_256_random_bits():
+    key_id, token = keys.new_key()
+    assert keys.parse_token(token)[0] == key_id and len(key_id) == 16
+    assert len(keys.parse_token(token)[1]) == 43  # 32 bytes, url-safe base64
+    assert keys.new_key()[1] != token
+
+
+@pytest.mark.parametrize("token", [
+    "", "rs_", "rs_0123456789abcdef_", "rs_0123456789ABCDEF_" + "a" * 43, "rs_0123456789abcdef_" + "a" * 42,
+    "rs_0123456789abcdef_" + "a" * 44, "xx_0123456789abcdef_" + "a" * 43, "rs_0123456789abcdef_" + "a" * 42 + "=",
+    " rs_0123456789abcdef_" + "a" * 43, "rs_0123456789abcdef_" + "a" * 42 + "\u00e9",
+])
+def test_a_malformed_token_is_not_parsed(token):
+    assert keys.parse_token(token) is None
+
+
+def test_only_a_hash_of_the_secret_is_stored(store, tmp_path):
+    key_id, token = keys.create_key(store, name="lab A", roles=["ingest"], clinics=["C001"], now=NOW)
+    secret = keys.parse_token(token)[1]
+    rows = sqlite3.connect(tmp_path / "records.db").execute("SELECT * FROM api_keys").fetchall()
+    assert len(rows) == 1
+    assert not any(secret in str(column) for column in rows[0])
+    assert hashlib.sha256(secret.encode()).hexdigest() in rows[0]
+
+
+def test_a_key_authenticates_as_its_roles_and_clinics(store):
+    _, scoped = keys.create_key(store, name="lab", roles=["ingest", "read"], clinics=["C001", "C002"], now=NOW)
+    key_id, admin = keys.create_key(store, name="ops", roles=["admin"], clinics=None, now=NOW)
+    principal = keys.authenticate(store, scoped)
+    assert (principal.roles, principal.clinics) == ({"ingest", "read"}, {"C001", "C002"})
+    assert keys.authenticate(store, admin) == Principal(key_id, frozenset({"admin"}), None)
+
+
+def test_unknown_wrong_secret_and_revoked_keys_are_rejected_with_their_reason(store):
+    key_id, token = keys.create_key(store, name="lab", roles=["read"], clinics=["C001"], now=NOW)
+    rejections = {}
+    for name, presented in {"malformed": "rs_nope", "unknown": "rs_0123456789abcdef_" + "a" * 43,
+                            "wrong secret": f"rs_{key_id}_" + "a" * 43}.items():
+        with pytest.raises(keys.KeyRejected) as rejected:
+            keys.authenticate(store, presented)
+        rejections[name] = (rejected.value.reason, rejected.value.key_id)
+    assert rejections == {"malformed": ("malformed-key", None), "unknown": ("unknown-key", "0123456789abcdef"),
+                          "wrong secret": ("wrong-secret", key_id)}
+    assert store.revoke_key(key_id, NOW)[1] is True
+    with pytest.raises(keys.KeyRejected, match="revoked-key"):
+        keys.authenticate(store, token)
+
+
+def test_revoking_twice_keeps_the_first_time_and_an_unknown_key_is_none(store):
+    key_id, _ = keys.create_key(store, name="lab", roles=["read"], clinics=["C001"], now=NOW)
+    first, changed = store.revoke_key(key_id, NOW)
+    again, changed_again = store.revoke_key(key_id, "2030-01-01T00:00:00.000Z")
+    assert (changed, changed_again) == (True, False)
+    assert first["revoked_at"] == again["revoked_at"] == NOW
+    assert store.revoke_key("0123456789abcdef", NOW) is None
+
+
+def test_migration_4_adds_the_key_table_and_keeps_every_record(tmp_path):
+    conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
+    store_module.migrate(conn, upto=3)
+    conn.execute("INSERT INTO records (test_id, clinic_id, patient_id, test_type, status, collected_at, created_at,"
+                 " updated_at, version, request_id, doc) VALUES ('T1', 'C1', 'P1', 'CBC', 'final', 'x', 'x', 'x', 1,"
+                 " 'r', '{}')")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] < 4
+    store_module.migrate(conn)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION >= 4
+    assert conn.execute("SELECT test_id FROM records").fetchall() == [("T1",)]
+    assert conn.execute("SELECT count(*) FROM api_keys").fetchone() == (0,)
+
+
+# -- the command line, as a real process ------------------------------------------------------
+
+def cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return run_cli(tmp_path / "records.db", "keys", *args)
+
+
+def test_create_prints_the_key_once_alone_on_the_last_line_and_logs_only_its_id(tmp_path):
+    made = cli(tmp_path, "create", "--role", "ingest", "--role", "read", "--clinic", "C002", "--clinic", "C001",
+               "--name", "lab A")
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.splitlines()[-1]
+    key_id, secret = keys.parse_token(token)
+    assert f"created key {key_id} (lab A)" in made.stdout
+    assert "roles:   ingest, read" in made.stdout and "clinics: C001, C002" in made.stdout
+    assert secret not in made.stderr and key_id in made.stderr  # the log line names the key, nothing more
+    store = Store(str(tmp_path / "records.db"))
+    principal = keys.authenticate(store, token)
+    assert (principal.roles, principal.clinics) == ({"ingest", "read"}, {"C001", "C002"})
+
+
+def test_list_shows_every_key_without_secrets_and_revoke_takes_it_out(tmp_path):
+    scoped = cli(tmp_path, "create", "--role", "read", "--clinic", "C001", "--name", "lab A").stdout.splitlines()[-1]
+    admin = cli(tmp_path, "create", "--role", "admin", "--all-clinics", "--name", "ops team").stdout.splitlines()[-1]
+    scoped_id, admin_id = keys.parse_token(scoped)[0], keys.parse_token(admin)[0]
+
+    listed = cli(tmp_path, "list")
+    assert listed.returncode == 0
+    rows = [line.split() for line in listed.stdout.splitlines()]
+    assert rows[0] == ["KEY_ID", "STATUS", "ROLES", "CLINICS", "CREATED", "NAME"]
+    assert [row[:4] + row[5:] for row in rows[1:]] == [
+        [scoped_id, "active", "read", "C001", "lab", "A"], [admin_id, "active", "admin", "*", "ops", "team"]]
+    assert keys.parse_token(scoped)[1] not in listed.stdout + listed.stderr
+
+    revoked = cli(tmp_path, "revoke", scoped_id)
+    assert revoked.returncode == 0 and f"revoked key {scoped_id} (lab A)" in revoked.stdout
+    again = cli(tmp_path, "revoke", scoped_id)
+    assert again.returncode == 0 and "already revoked" in again.stdout
+    assert cli(tmp_path, "list").stdout.splitlines()[1].split()[:2] == [scoped_id, "revoked"]
+    with pytest.raises(keys.KeyRejected, match="revoked-key"):
+        keys.authenticate(Store(str(tmp_path / "records.db")), scoped)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["create", "--role", "read", "--name", "x"], "one of the arguments --clinic --all-clinics is required"),
+    (["create", "--role", "read", "--clinic", "C1", "--all-clinics", "--name", "x"], "not allowed with"),
+    (["create", "--role", "reader", "--clinic", "C1", "--name", "x"], "invalid choice: 'reader'"),
+    (["create", "--role", "read", "--clinic", "bad id", "--name", "x"], "clinic id 'bad id' must match"),
+    (["create", "--role", "read", "--clinic", "C1", "--name", " "], "a key name is 1 to 100 printable"),
+    (["create", "--role", "read", "--clinic", "C1"], "the following arguments are required: --name"),
+    (["create", "--role", "admin", "--clinic", "C1", "--name", "x"], "an admin key works for every clinic"),
+    (["revoke"], "the following arguments are required: KEY_ID"),
+])
+def test_a_bad_create_or_revoke_is_exit_2_with_one_clear_message_and_makes_no_key(tmp_path, args, message):
+    done = cli(tmp_path, *args)
+    assert done.returncode == 2 and message in done.stderr and done.stdout == ""
+    assert not (tmp_path / "records.db").exists()
+
+
+def test_revoking_an_unknown_key_is_exit_1_naming_it(tmp_path):
+    done = cli(tmp_path, "revoke", "0123456789abcdef")
+    assert done.returncode == 1 and "no key '0123456789abcdef'" in done.stderr
