@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_core.py [--duration 10] [--connections 16] [--workers N]
                                          [--rounds 3] [--no-synchronous-compare] [--no-auth-compare]
-                                         [--profile]
+                                         [--profile] [--ours-app MODULE:CALLABLE]    (see --help)
 
 One run on this machine:
   1. installs wrk (`apt-get install -y wrk`) when it is missing;
@@ -26,6 +26,13 @@ One run on this machine:
      bare app's requests/s with zero non-2xx, GET >= 0.50; ours-auth >= 0.90 of ours), and
      writes the raw runs as JSON to bench/results/ (git-ignored).
 Every gunicorn it started is stopped at the end (SIGTERM, then wait), on error and Ctrl-C too.
+
+The machine is shared: before each measured run the script waits (up to --quiet-wait s) for
+other processes to go quiet, and every run line shows the CPU cores used by our servers, by
+wrk and by everything else ("other"). Runs with "other" well above 0 are not comparable.
+`--profile` adds py-spy samples of each server's workers (bare, ours and ours-auth) under each
+load (after the measured runs), with Authenticate.process_resource's share on ours-auth;
+bench/profile_app.py gives the cleaner per-request CPU breakdown of our app alone.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import json
 import os
 import platform
 import random
+import resource
 import re
 import secrets
 import shlex
@@ -113,8 +121,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def loadavg() -> float:
-    return os.getloadavg()[0]
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class CpuSnapshot:
+    busy: int  # machine-wide jiffies, idle/iowait/steal excluded
+    steal: int
+    servers: int  # jiffies of every process in our gunicorn sessions (masters and workers)
+    servers_sys: int  # of which in the kernel
+    children: float  # seconds of reaped children of this process (wrk)
+    wall: float
+
+
+def cpu_snapshot(server_sids: set[int]) -> CpuSnapshot:
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    servers = servers_sys = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        rest = stat[stat.rfind(")") + 2:].split()
+        if int(rest[3]) in server_sids:  # session id: each gunicorn runs in a session of its own
+            servers += int(rest[11]) + int(rest[12])
+            servers_sys += int(rest[12])
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return CpuSnapshot(user + nice + system + irq + softirq, steal, servers, servers_sys, ru.ru_utime + ru.ru_stime,
+                       time.monotonic())
+
+
+def cpu_use(before: CpuSnapshot, after: CpuSnapshot) -> dict:
+    """Average cores used during a run: by our servers, by wrk, by everything else on the
+    machine (the noise of a shared machine), and stolen by the hypervisor."""
+    wall = after.wall - before.wall
+    servers = (after.servers - before.servers) / _TICK / wall  # the idle server's share is ~0
+    wrk = (after.children - before.children) / wall
+    busy = (after.busy - before.busy) / _TICK / wall
+    sys_share = (after.servers_sys - before.servers_sys) / max(1, after.servers - before.servers)
+    return {"cpu_servers": round(servers, 2), "cpu_servers_sys_share": round(sys_share, 2), "cpu_wrk": round(wrk, 2),
+            "cpu_other": round(max(0.0, busy - servers - wrk), 2),
+            "cpu_steal": round((after.steal - before.steal) / _TICK / wall, 2)}
 
 
 def fs_type(path: Path) -> str:
@@ -208,18 +258,6 @@ class Server:
             return []
         return [int(c) for c in children]
 
-    def workers_cpu_s(self) -> float:
-        """CPU seconds (user + system) the workers have used so far: per request, a figure that
-        other load on a shared machine disturbs far less than requests per second."""
-        ticks = 0
-        for pid in self.worker_pids():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue  # a worker that just exited
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
-        return ticks / os.sysconf("SC_CLK_TCK")
-
     def output_tail(self, lines: int = 40) -> str:
         try:
             text = self.log_path.read_text(errors="replace").splitlines()
@@ -274,7 +312,6 @@ class Run:
     app: str
     round: int
     result: dict
-    load_before: float
     wrk_output: str = field(repr=False, default="")
 
 
@@ -296,50 +333,79 @@ def run_wrk(wrk: str, scenario: str, url: str, args: argparse.Namespace, duratio
 def fmt_run(run: Run) -> str:
     r = run.result
     errs = f" socket_errors={r['socket_errors']}" if r["socket_errors"] else ""
-    return (f"  {run.scenario:4} {run.app:12} round {run.round}: {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms"
-            f"  p99 {r['p99_ms']:7.2f} ms  non-2xx {r['non2xx']}{errs}  (load avg before {run.load_before:.2f})")
+    steal = f" steal {r['cpu_steal']:.2f}" if r["cpu_steal"] >= 0.05 else ""
+    return (f"  {run.scenario:4} {run.app:12} round {run.round}: {r['rps']:8.1f} req/s  p50 {r['p50_ms']:6.2f} ms"
+            f"  p99 {r['p99_ms']:6.2f} ms  non-2xx {r['non2xx']}{errs}  | server CPU {r['cpu_us_per_req']:5.0f} us/req;"
+            f" cores: servers {r['cpu_servers']:.2f} ({100 * r['cpu_servers_sys_share']:.0f}% sys)"
+            f" wrk {r['cpu_wrk']:.2f} other {r['cpu_other']:.2f}{steal}")
+
+
+def wait_for_quiet(args: argparse.Namespace, sids: set[int]) -> tuple[float, float]:
+    """Wait (at most --quiet-wait s) until processes other than ours use less than --quiet-below
+    cores, measured over one second while our servers are idle; return (seconds waited, last
+    measured other load)."""
+    started = time.monotonic()
+    told = False
+    while True:
+        before = cpu_snapshot(sids)
+        time.sleep(1)
+        other = cpu_use(before, cpu_snapshot(sids))["cpu_other"]
+        waited = time.monotonic() - started - 1
+        if other < args.quiet_below or waited >= args.quiet_wait:
+            if told:
+                log(f"    ... waited {waited:.0f}s; other processes now use {other:.2f} cores"
+                    + ("" if other < args.quiet_below else " (gave up waiting: this run is noisy)"))
+            return waited, other
+        if not told:
+            log(f"    other processes use {other:.2f} cores: waiting up to {args.quiet_wait}s for less than "
+                f"{args.quiet_below:g}")
+            told = True
 
 
 def measure(wrk: str, scenario: str, servers: list[Server], args: argparse.Namespace, runs: list[Run],
-            script_args: Callable[[Server], Sequence[str]] = lambda server: ()) -> None:
+            script_args: Callable[[Server], Sequence[str]] = lambda server: (),
+            all_servers: Sequence[Server] | None = None) -> None:
     """Warm each server up, then --rounds rounds, alternating which server goes first.
-    `script_args` gives the Lua script's arguments after the nonce, asked anew for every run."""
+    `script_args` gives the Lua script's arguments after the nonce, asked anew for every run.
+    `all_servers` (default: `servers`) are every gunicorn of ours that may be running, idle or
+    not: their CPU counts as the servers', not as other processes' (quiet wait, CPU snapshots)."""
     for server in servers:
         run_wrk(wrk, scenario, server.url, args, args.warmup, script_args(server))
     for rnd in range(1, args.rounds + 1):
         order = servers if rnd % 2 else list(reversed(servers))
         for server in order:
-            before, cpu_before = loadavg(), server.workers_cpu_s()
+            sids = {s.proc.pid for s in (all_servers or servers) if s.proc}
+            waited, _ = wait_for_quiet(args, sids) if args.quiet_wait > 0 else (0.0, 0.0)
+            before = cpu_snapshot(sids)
             result, output = run_wrk(wrk, scenario, server.url, args, args.duration, script_args(server))
-            result["cpu_ms_per_req"] = 1000 * (server.workers_cpu_s() - cpu_before) / max(result["requests"], 1)
-            run = Run(scenario, server.name, rnd, result, before, output)
+            result.update(cpu_use(before, cpu_snapshot(sids)))
+            result["cpu_us_per_req"] = round(result["cpu_servers"] * 1e6 / result["rps"], 1) if result["rps"] else 0.0
+            result["wrk_cpu_us_per_req"] = round(result["cpu_wrk"] * 1e6 / result["rps"], 1) if result["rps"] else 0.0
+            result["quiet_wait_s"] = round(waited, 1)
+            run = Run(scenario, server.name, rnd, result, output)
             runs.append(run)
             log(fmt_run(run))
 
 
-def summarise(runs: list[Run], scenario: str, app: str) -> dict:
+def summarise(runs: list[Run], scenario: str, app: str, quiet_below: float = 0.25) -> dict:
     mine = [r.result for r in runs if r.scenario == scenario and r.app == app]
     return {
+        "noisy": sum(r["cpu_other"] >= quiet_below for r in mine),
         "runs": len(mine),
         "rps": statistics.median(r["rps"] for r in mine),
         "p50_ms": statistics.median(r["p50_ms"] for r in mine),
         "p99_ms": statistics.median(r["p99_ms"] for r in mine),
         "non2xx": sum(r["non2xx"] for r in mine),
         "socket_errors": sum(r["socket_errors"] for r in mine),
+        "cpu_other": statistics.median(r["cpu_other"] for r in mine),
+        "cpu_us_per_req": statistics.median(r["cpu_us_per_req"] for r in mine),
+        "wrk_cpu_us_per_req": statistics.median(r["wrk_cpu_us_per_req"] for r in mine),
         "requests": sum(r["requests"] for r in mine),
         "rps_all": [round(r["rps"], 1) for r in mine],
-        "cpu_ms_per_req": statistics.median(r["cpu_ms_per_req"] for r in mine),
     }
 
 
-def paired_ratios(runs: list[Run], scenario: str, app: str, baseline: str) -> list[float]:
-    """app/baseline req/s of each round: the two runs of a round are minutes apart at most, so
-    drift in the machine's other load cancels out more than between medians."""
-    rps = {(r.app, r.round): r.result["rps"] for r in runs if r.scenario == scenario}
-    return [rps[(app, n)] / rps[(baseline, n)] for (name, n) in rps if name == app and (baseline, n) in rps]
-
-
-def start_with_auth(db_path: Path, workers: int, ours_env: dict, tmp: Path) -> Server:
+def start_with_auth(db_path: Path, workers: int, app: str | None, ours_env: dict, tmp: Path) -> Server:
     """Ours with RECORDS_AUTH=required on the same database, and one key that wrk sends to every
     server from now on (common.lua reads BENCH_AUTHORIZATION; the others ignore the header).
     The key is made as `keys create` makes it and never printed."""
@@ -352,7 +418,7 @@ def start_with_auth(db_path: Path, workers: int, ours_env: dict, tmp: Path) -> S
     store.close()
     os.environ["BENCH_AUTHORIZATION"] = f"Bearer {token}"  # wrk inherits this process's environment
     port = free_port()
-    server = Server("ours-auth", gunicorn_argv(port, workers, None), {**ours_env, "RECORDS_AUTH": "required"},
+    server = Server("ours-auth", gunicorn_argv(port, workers, app), {**ours_env, "RECORDS_AUTH": "required"},
                     tmp / "ours-auth.log", port)
     server.start()
     probe = "/tests?clinic_id=" + records_gen.clinic_id(1)
@@ -407,14 +473,14 @@ def profile(wrk: str, scenario: str, server: Server, args: argparse.Namespace, o
         raise BenchError("py-spy is not installed: .venv/bin/pip install py-spy")
     raw = out_dir / f"profile-{scenario.lower()}-{server.name}.txt"
     spy = subprocess.Popen([py_spy, "record", "--pid", str(server.proc.pid), "--subprocesses", "--nolineno",
-                            "--format", "raw", "--rate", "250", "--duration", str(args.duration + 1),
+                            "--format", "raw", "--rate", "250", "--nonblocking", "--duration", str(args.duration + 1),
                             "--output", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(1)  # let py-spy attach before the load starts
     result, _ = run_wrk(wrk, scenario, server.url, args, args.duration)
     _, err = spy.communicate(timeout=args.duration + 60)
     if spy.returncode != 0 or not raw.exists():
         raise BenchError(f"py-spy failed ({spy.returncode}): {err}")
-    log(f"\n[profile] {scenario} /tests on {server.name} under py-spy (250 Hz, on-CPU samples only): "
+    log(f"\n[profile] {scenario} /tests on {server.name} under py-spy (250 Hz, non-blocking; samples py-spy counts as not idle, which include waits in socket calls): "
         f"{result['rps']:.1f} req/s; raw stacks: {raw}")
     # On ours-auth, how much of the workers' CPU authentication takes: what it can cost req/s.
     focus = "Authenticate.process_resource" if server.name == "ours-auth" else None
@@ -446,7 +512,7 @@ def _module_group(frame: str) -> str:
 
 def profile_summary(raw: Path, top: int = 20, focus: str | None = None) -> str:
     """Self time by module, then self and inclusive time per function, from py-spy's collapsed
-    stacks (idle excluded, so the shares are of the workers' CPU time)."""
+    stacks (samples py-spy judged idle are not recorded)."""
     inclusive: dict[str, int] = {}
     self_time: dict[str, int] = {}
     total = 0
@@ -467,10 +533,10 @@ def profile_summary(raw: Path, top: int = 20, focus: str | None = None) -> str:
     groups: dict[str, int] = {}
     for frame, n in self_time.items():
         groups[_module_group(frame)] = groups.get(_module_group(frame), 0) + n
-    lines = [f"  {total} on-CPU samples over all workers; self time by module:"]
+    lines = [f"  {total} non-idle samples over all processes; self time by module:"]
     if focus:
         share = sum(n for frame, n in inclusive.items() if frame.startswith(focus + " "))
-        lines.insert(0, f"  {focus} and all it calls: {100 * share / total:.1f}% of the workers' on-CPU samples")
+        lines.insert(0, f"  {focus} and all it calls: {100 * share / total:.1f}% of the non-idle samples")
     lines += [f"  {100 * n / total:5.1f}%  {g}" for g, n in sorted(groups.items(), key=lambda kv: -kv[1])[:12]]
     by_self = sorted(self_time.items(), key=lambda kv: -kv[1])[:top]
     by_incl = sorted(((f, n) for f, n in inclusive.items() if not _BOOT_FRAMES.search(f)),
@@ -495,6 +561,26 @@ def _short(frame: str) -> str:
 
 # -- report ----------------------------------------------------------------------------------
 
+def pair_ratios(runs: list[Run], scenario: str, num: str, den: str) -> list[float]:
+    """num/den req/s of the two runs of each round (run back to back, so under similar noise)."""
+    by_round: dict[int, dict[str, float]] = {}
+    for r in runs:
+        if r.scenario == scenario:
+            by_round.setdefault(r.round, {})[r.app] = r.result["rps"]
+    return [round(v[num] / v[den], 3) for _, v in sorted(by_round.items()) if num in v and den in v and v[den]]
+
+
+def verdict(ratio: float, target: float, non2xx: int) -> tuple[bool, str]:
+    ok = ratio >= target and non2xx == 0
+    why = ([f"ratio below {target:.2f}"] if ratio < target else []) + ([f"{non2xx} non-2xx"] if non2xx else [])
+    return ok, f"target >= {target:.2f} with zero non-2xx: " + ("PASS" if ok else f"MISS ({', '.join(why)})")
+
+
+def row(scenario: str, label: str, m: dict) -> str:
+    return (f"{scenario:9}{label:10}{m['rps']:9.1f}{m['p50_ms']:9.2f}{m['p99_ms']:9.2f}{m['non2xx']:9d}"
+            f"{m['socket_errors']:9d}{m['cpu_us_per_req']:11.0f}{m['cpu_other']:10.2f}   {m['rps_all']}")
+
+
 def report(runs: list[Run], scenarios: list[str], sync_runs: list[Run], args, sizes, settings) -> tuple[str, bool]:
     out = []
     all_pass = True
@@ -503,65 +589,71 @@ def report(runs: list[Run], scenarios: list[str], sync_runs: list[Run], args, si
                f"{args.connections} connections, {args.threads} wrk threads, gunicorn "
                f"{settings.get('worker_class')} x {args.workers} workers ==")
     out.append(f"   body bytes: POST {sizes[0]}, GET {sizes[1]} (ours, mean; bare answers exactly these)")
-    header = (f"{'scenario':9}{'app':6}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}"
-              f"{'sock err':>10}   per-round req/s")
+    header = (f"{'scenario':9}{'app':10}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}"
+              f"{'sock err':>9}{'CPU us/req':>11}{'other CPU':>10}   per-round req/s")
     out.append(header)
     out.append("-" * len(header))
-    ratios = {}
+    apps = ("bare", "ours", "ours-auth") if args.auth_compare else ("bare", "ours")
+    medians = {}
     for scenario in scenarios:
-        s = {app: summarise(runs, scenario, app) for app in ("bare", "ours")}
-        for app in ("bare", "ours"):
-            m = s[app]
-            out.append(f"{scenario:9}{app:6}{m['rps']:10.1f}{m['p50_ms']:10.2f}{m['p99_ms']:10.2f}"
-                       f"{m['non2xx']:9d}{m['socket_errors']:10d}   {m['rps_all']}")
-        ratio = s["ours"]["rps"] / s["bare"]["rps"]
-        ratios[scenario] = (ratio, s)
+        medians[scenario] = {app: summarise(runs, scenario, app, args.quiet_below) for app in apps}
+        for app in apps:
+            out.append(row(scenario, app, medians[scenario][app]))
     out.append("")
     for scenario in scenarios:
-        ratio, s = ratios[scenario]
-        target = TARGETS[scenario]
-        ok = ratio >= target and s["ours"]["non2xx"] == 0
+        s = medians[scenario]
+        ratio = s["ours"]["rps"] / s["bare"]["rps"]
+        ok, verdict_text = verdict(ratio, TARGETS[scenario], s["ours"]["non2xx"])
         all_pass &= ok
-        why = [] if ok else ([f"ratio below {target:.2f}"] if ratio < target else []) + (
-            [f"{s['ours']['non2xx']} non-2xx"] if s["ours"]["non2xx"] else [])
+        pairs = pair_ratios(runs, scenario, "ours", "bare")
         out.append(f"{scenario:5} ours/bare: req/s {ratio:.3f}   p50 {s['ours']['p50_ms'] / s['bare']['p50_ms']:.2f}x"
-                   f"   p99 {s['ours']['p99_ms'] / s['bare']['p99_ms']:.2f}x   target >= {target:.2f} with zero"
-                   f" non-2xx: {'PASS' if ok else 'MISS (' + ', '.join(why) + ')'}")
+                   f"   p99 {s['ours']['p99_ms'] / s['bare']['p99_ms']:.2f}x   {verdict_text}")
+        cost = ((s["bare"]["cpu_us_per_req"] + s["bare"]["wrk_cpu_us_per_req"])
+                / (s["ours"]["cpu_us_per_req"] + s["ours"]["wrk_cpu_us_per_req"]))
+        out.append(f"      cross-checks: per-round ratios {pairs} (median {statistics.median(pairs):.3f}); "
+                   f"CPU-cost ratio {cost:.3f} (bare/ours server+wrk CPU per request)")
         if s["ours"]["socket_errors"] or s["bare"]["socket_errors"]:
             out.append(f"      note: socket errors (connect/read/write/timeout): ours {s['ours']['socket_errors']},"
                        f" bare {s['bare']['socket_errors']}")
     if args.auth_compare:
         out.append("")
-        out.append(f"== RECORDS_AUTH: ours-auth (required, a key looked up on every request) vs ours (disabled),"
-                   f" same rounds ==")
+        out.append("== RECORDS_AUTH: ours-auth (required, a key looked up on every request) vs ours (disabled),"
+                   " same rounds (rows above) ==")
         for scenario in scenarios:
-            on, off = summarise(runs, scenario, "ours-auth"), summarise(runs, scenario, "ours")
-            out.append(f"{scenario:9}{'auth':6}{on['rps']:10.1f}{on['p50_ms']:10.2f}{on['p99_ms']:10.2f}"
-                       f"{on['non2xx']:9d}{on['socket_errors']:10d}   {on['rps_all']}")
-        for scenario in scenarios:
-            on, off = summarise(runs, scenario, "ours-auth"), summarise(runs, scenario, "ours")
+            on, off = medians[scenario]["ours-auth"], medians[scenario]["ours"]
             ratio = on["rps"] / off["rps"]
-            paired = statistics.median(paired_ratios(runs, scenario, "ours-auth", "ours"))
-            ok = ratio >= AUTH_TARGET and on["non2xx"] == 0
+            ok, verdict_text = verdict(ratio, AUTH_TARGET, on["non2xx"])
             all_pass &= ok
-            out.append(f"{scenario:5} auth/ours: req/s {ratio:.3f} ({100 * (ratio - 1):+.1f}%), median of per-round "
-                       f"ratios {paired:.3f}   p50 {on['p50_ms'] / off['p50_ms']:.2f}x   p99 "
-                       f"{on['p99_ms'] / off['p99_ms']:.2f}x   target >= {AUTH_TARGET:.2f} with zero non-2xx: "
-                       f"{'PASS' if ok else 'MISS'}")
-            out.append(f"      worker CPU per request (median): ours {off['cpu_ms_per_req']:.3f} ms, ours-auth "
-                       f"{on['cpu_ms_per_req']:.3f} ms ({100 * (on['cpu_ms_per_req'] / off['cpu_ms_per_req'] - 1):+.1f}%)")
+            pairs = pair_ratios(runs, scenario, "ours-auth", "ours")
+            out.append(f"{scenario:5} auth/ours: req/s {ratio:.3f} ({100 * (ratio - 1):+.1f}%)   p50 "
+                       f"{on['p50_ms'] / off['p50_ms']:.2f}x   p99 {on['p99_ms'] / off['p99_ms']:.2f}x   {verdict_text}")
+            out.append(f"      cross-checks: per-round ratios {pairs} (median {statistics.median(pairs):.3f}); server "
+                       f"CPU per request ours {off['cpu_us_per_req']:.0f} us, ours-auth {on['cpu_us_per_req']:.0f} us"
+                       f" ({100 * (on['cpu_us_per_req'] / off['cpu_us_per_req'] - 1):+.1f}%)")
     if sync_runs:
-        n = summarise(sync_runs, "POST", "ours-NORMAL")
-        f = summarise(sync_runs, "POST", "ours-FULL")
+        n = summarise(sync_runs, "POST", "ours-NORMAL", args.quiet_below)
+        f = summarise(sync_runs, "POST", "ours-FULL", args.quiet_below)
         out.append("")
         out.append(f"== RECORDS_SYNCHRONOUS: POST /tests on ours, median of {args.rounds} rounds ==")
         out.append(header)
         out.append("-" * len(header))
         for label, m in (("NORMAL", n), ("FULL", f)):
-            out.append(f"{'POST':9}{label:6}{m['rps']:10.1f}{m['p50_ms']:10.2f}{m['p99_ms']:10.2f}"
-                       f"{m['non2xx']:9d}{m['socket_errors']:10d}   {m['rps_all']}")
-        out.append(f"FULL/NORMAL: req/s {f['rps'] / n['rps']:.3f} ({100 * (1 - f['rps'] / n['rps']):+.1f}% cost),"
-                   f" p50 {f['p50_ms'] / n['p50_ms']:.2f}x, p99 {f['p99_ms'] / n['p99_ms']:.2f}x")
+            out.append(row("POST", label, m))
+        pairs = pair_ratios(sync_runs, "POST", "ours-FULL", "ours-NORMAL")
+        out.append(f"FULL/NORMAL: req/s {f['rps'] / n['rps']:.3f} (FULL serves {100 * (1 - f['rps'] / n['rps']):.1f}%"
+                   f" fewer POSTs a second), p50 {f['p50_ms'] / n['p50_ms']:.2f}x, p99 {f['p99_ms'] / n['p99_ms']:.2f}x")
+        out.append(f"      cross-checks: per-round ratios {pairs} (median {statistics.median(pairs):.3f}); CPU per "
+                   f"request FULL {f['cpu_us_per_req']:.0f} us vs NORMAL {n['cpu_us_per_req']:.0f} us")
+    out.append("")
+    noisy = sum(r.result["cpu_other"] >= args.quiet_below for r in runs + sync_runs)
+    if noisy:
+        out.append(f"WARNING: {noisy} of {len(runs) + len(sync_runs)} runs had other processes using "
+                   f">= {args.quiet_below:g} cores (see 'other' on each run line): req/s and ratios are not reliable.")
+    out.append("CPU us/req: CPU time of the server's gunicorn processes per answered request (median of runs).")
+    out.append("CPU-cost ratio: what the req/s ratio would be if both were limited only by CPU (server + wrk per "
+               "request); less sensitive to other load than req/s.")
+    out.append("other CPU: median cores used by processes other than our gunicorns and wrk during the runs "
+               f"(noise on a shared machine; {os.cpu_count()} cores in all).")
     return "\n".join(out), all_pass
 
 
@@ -578,6 +670,10 @@ def load_arguments(doc: str, pairs: str) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help=f"{pairs} pairs per scenario; medians are reported")
     p.add_argument("--warmup", type=int, default=2, help="seconds of unrecorded load per server and scenario")
     p.add_argument("--timeout", type=int, default=5, help="wrk request timeout, seconds")
+    p.add_argument("--quiet-below", type=float, default=0.25, metavar="CORES",
+                   help="before each measured run, wait until other processes use less than this many cores")
+    p.add_argument("--quiet-wait", type=int, default=30, metavar="SECONDS",
+                   help="longest wait for that before running anyway (0: never wait)")
     return p
 
 
@@ -596,21 +692,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also compare POST throughput of ours with RECORDS_SYNCHRONOUS=NORMAL and FULL")
     p.add_argument("--auth-compare", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure ours with RECORDS_AUTH=required (a key on every request) in the same rounds")
-    p.add_argument("--clinics", type=int, default=records_gen.CLINICS, help=argparse.SUPPRESS)
-    p.add_argument("--per-clinic", type=int, default=records_gen.RECORDS_PER_CLINIC, help=argparse.SUPPRESS)
+    p.add_argument("--per-clinic", type=int, default=records_gen.RECORDS_PER_CLINIC,
+                   help="records a clinic in the pre-fill (1,000 clinics: the Lua scripts pick among them)")
     p.add_argument("--tmpdir", default=None, help="where the temporary database and server logs go")
     p.add_argument("--keep-tmp", action="store_true", help="keep the database and server logs")
     p.add_argument("--profile", action="store_true",
-                   help="after measuring, load ours once more per scenario under py-spy and print the top functions")
+                   help="after measuring, load each app once more per scenario under py-spy (needs "
+                        "`.venv/bin/pip install py-spy`) and print the top functions")
     p.add_argument("--profile-top", type=int, default=20, help=argparse.SUPPRESS)
+    p.add_argument("--ours-app", default=None, metavar="MODULE:CALLABLE",
+                   help="run this app as ours instead of gunicorn.conf.py's wsgi_app (to try a change to the "
+                        "service without editing it; MODULE is looked up in bench/ and the repository)")
     p.add_argument("--json", default=None, help="write raw runs here (default bench/results/core-<time>.json)")
     p.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
     args = parse_load_arguments(p, argv)
     args.scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
     if not args.scenarios or set(args.scenarios) - set(SCRIPTS):
         p.error("--scenarios takes GET and/or POST")
-    if args.clinics != records_gen.CLINICS:
-        p.error("the Lua scripts use 1,000 clinics")  # kept hidden: only for the pre-fill size
+    args.clinics = records_gen.CLINICS
     return args
 
 
@@ -652,7 +751,8 @@ def main(argv: list[str]) -> int:
         log(f"  done in {prefill(db_path, args.clinics, args.per_clinic):.1f}s")
 
         ours_port = free_port()
-        ours = Server("ours", gunicorn_argv(ours_port, args.workers, None), ours_env, tmp / "ours.log", ours_port)
+        ours = Server("ours", gunicorn_argv(ours_port, args.workers, args.ours_app), ours_env, tmp / "ours.log",
+                      ours_port)
         servers.append(ours)
         ours.start()
         sizes = measure_body_sizes(ours, args.clinics)
@@ -671,26 +771,26 @@ def main(argv: list[str]) -> int:
 
         compared = [bare, ours]
         if args.auth_compare:
-            auth = start_with_auth(db_path, args.workers, ours_env, tmp)
+            auth = start_with_auth(db_path, args.workers, args.ours_app, ours_env, tmp)
             servers.append(auth)
             compared.append(auth)
         for scenario in args.scenarios:
             log(f"\n{scenario} /tests: warm-up {args.warmup:g}s each, then {args.rounds} rounds")
-            measure(wrk, scenario, compared, args, runs)
+            measure(wrk, scenario, compared, args, runs, all_servers=servers)
         if args.auth_compare:
             auth.stop()
 
         if args.synchronous_compare:
             bare.stop()
             full_port = free_port()
-            full = Server("ours-FULL", gunicorn_argv(full_port, args.workers, None),
+            full = Server("ours-FULL", gunicorn_argv(full_port, args.workers, args.ours_app),
                           {**ours_env, "RECORDS_SYNCHRONOUS": "FULL"}, tmp / "ours-full.log", full_port)
             servers.append(full)
             full.start()
             ours.name = "ours-NORMAL"
             log(f"\nRECORDS_SYNCHRONOUS NORMAL vs FULL, POST /tests: warm-up {args.warmup:g}s each, "
                 f"then {args.rounds} rounds")
-            measure(wrk, "POST", [ours, full], args, sync_runs)
+            measure(wrk, "POST", [ours, full], args, sync_runs, all_servers=servers)
             ours.name = "ours"
             full.stop()
 
@@ -702,7 +802,6 @@ def main(argv: list[str]) -> int:
                 bare.start()
             if args.auth_compare:  # stopped after its rounds, to leave the machine to the others
                 auth.start()
-                compared = [ours, bare, auth]
             for scenario in args.scenarios:
                 for server in compared:
                     profile(wrk, scenario, server, args, tmp)
@@ -713,8 +812,7 @@ def main(argv: list[str]) -> int:
         json_path.write_text(json.dumps({
             "command": [sys.executable, *sys.argv], "args": {k: v for k, v in vars(args).items()},
             "body_bytes": {"POST": sizes[0], "GET": sizes[1]},
-            "runs": [{"scenario": r.scenario, "app": r.app, "round": r.round, "load_before": r.load_before,
-                      **r.result} for r in runs + sync_runs],
+            "runs": [{"scenario": r.scenario, "app": r.app, "round": r.round, **r.result} for r in runs + sync_runs],
         }, indent=1))
         log(f"\nraw runs: {json_path}")
         return 0 if all_pass or not args.fail_on_miss else 1

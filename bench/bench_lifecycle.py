@@ -18,6 +18,8 @@ One run on this machine:
      after a warm-up of each; then GET /tests/{id} (get_record.lua, random pre-filled records)
      on the service with history;
   5. prints medians, and history/no-history ratios for POST and PUT.
+Before each measured run it waits for other processes to go quiet and records the CPU each run
+used, as bench_core.py does (--quiet-below, --quiet-wait); each run line shows it.
 Every gunicorn it started is stopped at the end (SIGTERM, then wait), on error and Ctrl-C too.
 """
 
@@ -132,7 +134,7 @@ def main(argv: list[str]) -> int:
         core.measure(wrk, "PUT1", servers, args, runs, put_args)
 
         core.log(f"\nGET /tests/{{id}} on history: warm-up {args.warmup}s, then {args.rounds} rounds")
-        core.measure(wrk, "GET1", servers[:1], args, runs, lambda server: [str(total)])
+        core.measure(wrk, "GET1", servers[:1], args, runs, lambda server: [str(total)], all_servers=servers)
 
         core.log(report(runs, args))
         return 0

@@ -1,8 +1,8 @@
 -- Shared by post_tests.lua and get_tests.lua (loaded with dofile from the same directory):
 -- thread numbering, and a done() that prints one machine-readable line for bench_core.py.
 
--- BENCH_AUTHORIZATION (e.g. "Bearer rs_...") goes with every request when set: bench_auth.py
--- sets it for both servers it compares, so they receive the very same bytes.
+-- BENCH_AUTHORIZATION (e.g. "Bearer rs_...") goes with every request when set: bench_core.py
+-- (--auth-compare) sets it for all the servers it compares, so they receive the very same bytes.
 function with_auth(headers)
    local value = os.getenv("BENCH_AUTHORIZATION")
    if value and value ~= "" then
