@@ -10,6 +10,7 @@ from typing import Callable
 import falcon
 
 from . import errors
+from .collection import Batch, Export, Stats
 from .config import Settings, load_settings
 from .middleware import RequestContext
 from .resources import Health, TestsCollection
@@ -37,4 +38,7 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
     errors.install(app)
     app.add_route("/health", Health())
     app.add_route("/tests", TestsCollection(store, clock, settings.max_body_bytes))
+    app.add_route("/tests/_batch", Batch(store, clock, settings.max_batch_bytes))
+    app.add_route("/tests/_export", Export(store))
+    app.add_route("/tests/_stats", Stats(store))
     return app
