@@ -103,6 +103,7 @@ class Store:
             if _is_busy(exc):
                 raise StoreBusy() from exc
             raise StoreUnavailable(f"cannot open database: {exc}") from exc
+        log.info("database ready", extra={"schema_version": SCHEMA_VERSION})
         return conn
 
     def open(self) -> None:
