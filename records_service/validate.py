@@ -11,6 +11,7 @@ import json
 import math
 import re
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 from typing import Any
 
 ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:-]*$"
@@ -133,7 +134,7 @@ def _check_string(value: Any, *, min_len: int, max_len: int, control: re.Pattern
         return "must not be empty"
     if len(value) > max_len:
         return f"must be at most {max_len} characters (got {len(value)})"
-    if _SURROGATE_RE.search(value):
+    if not value.isascii() and _SURROGATE_RE.search(value):  # isascii() is cheap and rules them out
         return "must be valid Unicode (no lone surrogates)"
     if control is not None and control.search(value):
         return "must not contain control characters"
@@ -196,6 +197,11 @@ def parse_timestamp(value: Any, now: datetime) -> tuple[str | None, str | None]:
     return normalised, None
 
 
+@lru_cache(maxsize=None)  # at most 2 * 24 * 60 offsets exist
+def _zone(sign: str, hours: str, minutes: str) -> timezone:
+    return timezone(timedelta(hours=int(hours), minutes=int(minutes)) * (1 if sign == "+" else -1))
+
+
 def _parse_instant(value: Any) -> tuple[datetime | None, str | None, str | None]:
     """(UTC datetime, normalised UTC string, None) for an RFC 3339 date-time with offset, else (None, None, problem).
 
@@ -210,15 +216,14 @@ def _parse_instant(value: Any) -> tuple[datetime | None, str | None, str | None]
                             " or 2024-05-01T10:00:00+05:30")
     year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
     if zulu:
-        offset = timedelta(0)
+        zone = timezone.utc
     else:
         if int(off_h) > 23 or int(off_m) > 59:
             return None, None, "has an impossible offset"
-        offset = timedelta(hours=int(off_h), minutes=int(off_m)) * (1 if sign == "+" else -1)
+        zone = _zone(sign, off_h, off_m)
     try:
-        local = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second),
-                         tzinfo=timezone(offset))
-        utc = local.astimezone(timezone.utc)
+        local = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=zone)
+        utc = local if zulu else local.astimezone(timezone.utc)
     except (ValueError, OverflowError):
         return None, None, "is not a real date and time"
     normalised = utc.strftime("%Y-%m-%dT%H:%M:%S") + (f".{fraction}" if fraction else "") + "Z"
@@ -238,6 +243,31 @@ def timestamp_from_sort_key(key: str) -> str:
     return f"{base}.{fraction}Z" if fraction else f"{base}Z"
 
 
+def _check_unit(value: Any) -> str | None:
+    return _check_optional_string(value, MAX_UNIT_CHARS, _CONTROL_RE)
+
+
+def _check_notes(value: Any) -> str | None:
+    return _check_optional_string(value, MAX_NOTES_CHARS, None)
+
+
+def _check_status(value: Any) -> str | None:
+    return None if value in CLIENT_STATUSES else f"must be one of {', '.join(CLIENT_STATUSES)}"
+
+
+# Built once: validate_record runs for every record of a 10,000-record batch.
+_FIELD_CHECKS = {
+    "test_id": check_id,
+    "clinic_id": check_id,
+    "patient_id": check_id,
+    "result": _check_result,
+    "unit": _check_unit,
+    "notes": _check_notes,
+    "status": _check_status,
+}
+_CLIENT_FIELD_SET = frozenset(CLIENT_FIELDS)
+
+
 def validate_record(doc: Any, now: datetime) -> tuple[dict | None, list[FieldError]]:
     """Check a parsed document against the record rules.
 
@@ -248,27 +278,18 @@ def validate_record(doc: Any, now: datetime) -> tuple[dict | None, list[FieldErr
         return None, [_error(None, "the record must be a JSON object")]
 
     errors: list[FieldError] = []
-    duplicates = set(getattr(doc, "duplicate_keys", ()))
+    duplicates = frozenset(getattr(doc, "duplicate_keys", ()))
     for key in sorted(duplicates):
         errors.append(_error(key, "appears more than once in the object"))
     for key in doc:
-        if key not in CLIENT_FIELDS:
+        if key not in _CLIENT_FIELD_SET:
             errors.append(_error(key, "is not a known field"))
     for key in REQUIRED_FIELDS:
         if key not in doc and key not in duplicates:
             errors.append(_error(key, "is required"))
 
     record = {name: doc.get(name, default) for name, default in OPTIONAL_DEFAULTS.items()}
-    checks = {
-        "test_id": check_id,
-        "clinic_id": check_id,
-        "patient_id": check_id,
-        "result": _check_result,
-        "unit": lambda v: _check_optional_string(v, MAX_UNIT_CHARS, _CONTROL_RE),
-        "notes": lambda v: _check_optional_string(v, MAX_NOTES_CHARS, None),
-        "status": lambda v: None if v in CLIENT_STATUSES else f"must be one of {', '.join(CLIENT_STATUSES)}",
-    }
-    for name, check in checks.items():
+    for name, check in _FIELD_CHECKS.items():
         if name in doc and name not in duplicates:
             problem = check(doc[name])
             if problem:
