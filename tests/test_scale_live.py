@@ -6,8 +6,10 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
 import sqlite3
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 from records_service.seed import seed_rows
@@ -124,3 +126,28 @@ def test_an_export_of_200000_records_runs_in_the_memory_of_one_of_20000(start_se
     done = [line for line in server.log_lines() if line["message"] == "export completed"]
     assert [line["count"] for line in done] == [small, 200_000]
     assert all(line.get("request_id") for line in done)
+
+
+def test_a_client_that_hangs_up_mid_export_leaves_the_worker_serving(start_server, tmp_path):
+    db = tmp_path / "hangup.db"
+    store = Store(str(db))
+    for _ in store.bulk_insert(seed_rows(40_000, 1, datetime.now(timezone.utc), rng_seed=5)):
+        pass
+    store.close()
+    server = start_server(workers=1, db_path=db)
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as client:
+        client.sendall(b"GET /tests/_export?clinic_id=C0001 HTTP/1.1\r\nHost: x\r\nX-Request-ID: hang-up\r\n\r\n")
+        assert client.recv(1000).startswith(b"HTTP/1.1 200 ")
+    # ...and gone, ~14 MB unread.
+
+    deadline = time.monotonic() + 20
+    while not [line for line in server.log_lines() if line.get("request_id") == "hang-up"
+               and line["message"].startswith("export")]:
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.05)
+    stopped = [line for line in server.log_lines() if line.get("request_id") == "hang-up"][-1]
+    assert stopped["message"] == "export stopped before the end" and stopped["count"] < 40_000
+    # The same worker reads and writes on: its cursor was closed, no transaction left open.
+    assert server.request("POST", "/tests", make_record("after-hang-up", "C0001")).status == 201
+    assert sum(1 for line in server.request("GET", "/tests/_export?clinic_id=C0001").body.splitlines()) == 40_001
