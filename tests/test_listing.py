@@ -98,6 +98,8 @@ def varied(client):
     ("clinic_id=C1&test_type=CBC&status=preliminary", ["b"]),
     ("clinic_id=C1&patient_id=P9", []),
     ("clinic_id=C1&collected_from=2030-01-01T00:00:00Z", []),  # a range in the future is a fair question
+    ("clinic_id=C1&collected_from=0999-06-01T00:00:00Z", list("abcdefgh")),  # year 999 stays 4 digits wide
+    ("clinic_id=C1&collected_to=0999-06-01T00:00:00Z", []),
 ])
 def test_filters_combine_and_keep_ingest_order(varied, query, expected):
     assert ids(varied.simulate_get("/tests", query_string=query)) == expected
