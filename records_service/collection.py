@@ -177,5 +177,5 @@ class Stats:
         self._store = store
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        query, _ = clinic_query(req, filters=())
+        query, _ = clinic_query(req, filter_names=())
         resp.media = self._store.clinic_stats(query["filters"]["clinic_id"])

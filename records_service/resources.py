@@ -27,9 +27,9 @@ def read_body(req: falcon.Request, limit: int, accepted: tuple[str, ...] = (JSON
     A declared Content-Length over the limit is refused before anything is read; a chunked
     body is read at most one byte past the limit.
     """
-    if media_type(req) not in accepted:
-        raise Problem(415, "unsupported-media-type",
-                      f"Content-Type must be {' or '.join(accepted)} (got {media_type(req) or 'none'})")
+    kind = media_type(req)
+    if kind not in accepted:
+        raise Problem(415, "unsupported-media-type", f"Content-Type must be {' or '.join(accepted)} (got {kind or 'none'})")
     if req.content_length is not None:
         if req.content_length > limit:
             raise _too_large(limit)
@@ -77,12 +77,14 @@ def query_params(req: falcon.Request, allowed: set[str], required: set[str]) -> 
     return params
 
 
-def clinic_query(req: falcon.Request, extra: Iterable[str] = (), filters: Iterable[str] = FILTERS) -> tuple[dict, dict]:
+def clinic_query(req: falcon.Request, extra: Iterable[str] = (),
+                 filter_names: Iterable[str] = FILTERS) -> tuple[dict, dict]:
     """A query about one clinic: (checked query {"filters", "limit"}, the raw parameters).
 
+    Takes clinic_id, the filters named, and `extra` parameters the caller checks itself.
     400 names every bad parameter; 403 when the caller may not see the clinic.
     """
-    params = query_params(req, allowed={"clinic_id", *filters, *extra}, required={"clinic_id"})
+    params = query_params(req, allowed={"clinic_id", *filter_names, *extra}, required={"clinic_id"})
     query, errors = validate_list_query(params)
     if errors:
         raise invalid_parameters(errors)
@@ -134,7 +136,7 @@ class TestsCollection:
                 raise invalid_parameter("cursor", "is not a cursor this service issued for these filters")
         body, count, next_after = self._store.list_page(filters, after_seq, limit)
         if next_after is not None:
-            resp.set_header("Link", next_link(req.path, filters, limit,
+            resp.set_header("Link", next_link(req.root_path + req.path, filters, limit,
                                               cursor.encode(self._store.cursor_secret(), filters, next_after)))
         req.context.log_fields = {"count": count}
         resp.content_type = JSON
