@@ -25,6 +25,22 @@ T = TypeVar("T")
 
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 
+# Part of migration 2 (so frozen like it): take OLD out of its clinic_counts group, dropping an
+# emptied group and recomputing first/last when OLD was at an edge. Used by two triggers.
+_V2_UNCOUNT_OLD = """
+        UPDATE clinic_counts SET records = records - 1
+            WHERE clinic_id = OLD.clinic_id AND test_type = OLD.test_type AND status = OLD.status;
+        DELETE FROM clinic_counts
+            WHERE clinic_id = OLD.clinic_id AND test_type = OLD.test_type AND status = OLD.status AND records = 0;
+        UPDATE clinic_counts SET
+                first_collected_at = (SELECT min(collected_at) FROM records WHERE clinic_id = OLD.clinic_id
+                                      AND test_type = OLD.test_type AND status = OLD.status),
+                last_collected_at = (SELECT max(collected_at) FROM records WHERE clinic_id = OLD.clinic_id
+                                     AND test_type = OLD.test_type AND status = OLD.status)
+            WHERE clinic_id = OLD.clinic_id AND test_type = OLD.test_type AND status = OLD.status
+                AND OLD.collected_at IN (first_collected_at, last_collected_at);
+"""
+
 # Version N's script moves the schema from N-1 to N. Never edit one that has shipped: add one.
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -51,6 +67,10 @@ MIGRATIONS: dict[int, str] = {
     # index because one patient is a needle in a big clinic. Two indexes, not one per filter:
     # every index costs every insert (batch ingest and seed are bound by index upkeep).
     # `meta` holds the key that signs paging cursors, made once here so all workers share it.
+    # `clinic_counts` answers /tests/_stats without reading a clinic's records: the store adds
+    # new records to it in the transaction that inserts them (one upsert per clinic, type and
+    # status of a batch: an INSERT trigger would cost ~5 us a row); triggers move a record
+    # between groups when it is changed in place or removed, which is rare.
     2: """
     DROP INDEX records_by_clinic;
     CREATE INDEX records_by_clinic ON records (clinic_id, seq, status, test_type, collected_at);
@@ -60,7 +80,31 @@ MIGRATIONS: dict[int, str] = {
         value BLOB NOT NULL
     );
     INSERT INTO meta (key, value) VALUES ('cursor_secret', randomblob(32));
-    """,
+    CREATE TABLE clinic_counts (
+        clinic_id          TEXT NOT NULL,
+        test_type          TEXT NOT NULL,
+        status             TEXT NOT NULL,
+        records            INTEGER NOT NULL,
+        first_collected_at TEXT NOT NULL,   -- sort keys, like records.collected_at
+        last_collected_at  TEXT NOT NULL,
+        PRIMARY KEY (clinic_id, test_type, status)
+    ) WITHOUT ROWID;
+    INSERT INTO clinic_counts
+        SELECT clinic_id, test_type, status, count(*), min(collected_at), max(collected_at)
+        FROM records GROUP BY clinic_id, test_type, status;
+    CREATE TRIGGER records_recounted AFTER UPDATE OF clinic_id, test_type, status, collected_at ON records
+    BEGIN
+        INSERT INTO clinic_counts VALUES (NEW.clinic_id, NEW.test_type, NEW.status, 1, NEW.collected_at, NEW.collected_at)
+            ON CONFLICT (clinic_id, test_type, status) DO UPDATE SET records = records + 1,
+                first_collected_at = min(first_collected_at, excluded.first_collected_at),
+                last_collected_at = max(last_collected_at, excluded.last_collected_at);
+        {uncount_old}
+    END;
+    CREATE TRIGGER records_uncounted AFTER DELETE ON records
+    BEGIN
+        {uncount_old}
+    END;
+    """.format(uncount_old=_V2_UNCOUNT_OLD.strip()),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -176,7 +220,7 @@ class Store:
             existing = dict(conn.execute(_EXISTING_SQL, (test_ids,)))
             if existing and atomic:
                 raise _NothingStored(existing)
-            _insert_rows(conn, (row for row in rows if row[0] not in existing))
+            _insert_rows(conn, [row for row in rows if row[0] not in existing])
             return existing
 
         try:
@@ -248,7 +292,7 @@ class Store:
         return chunks()
 
     def clinic_stats(self, clinic_id: str) -> dict:
-        """Counts by test type and status, and the first and last collected_at, from the clinic index."""
+        """Counts by test type and status, and the first and last collected_at, from clinic_counts."""
         rows = self._read(_STATS_SQL, (clinic_id,))
         by_test_type: dict[str, int] = {}
         by_status: dict[str, int] = {}
@@ -286,8 +330,15 @@ class _NothingStored(Exception):
         self.existing = existing
 
 
-_STATS_SQL = ("SELECT test_type, status, count(*), min(collected_at), max(collected_at) FROM records"
-              " WHERE clinic_id = ? GROUP BY test_type, status")
+_STATS_SQL = ("SELECT test_type, status, records, first_collected_at, last_collected_at FROM clinic_counts"
+              " WHERE clinic_id = ?")
+_COUNT_SQL = (
+    "INSERT INTO clinic_counts (clinic_id, test_type, status, records, first_collected_at, last_collected_at)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (clinic_id, test_type, status) DO UPDATE SET"
+    " records = records + excluded.records,"
+    " first_collected_at = min(first_collected_at, excluded.first_collected_at),"
+    " last_collected_at = max(last_collected_at, excluded.last_collected_at)"
+)
 _EXISTING_SQL = "SELECT test_id, doc FROM records WHERE test_id IN (SELECT value FROM json_each(?))"
 _INSERT_SQL = (
     "INSERT INTO records (test_id, clinic_id, patient_id, test_type, status, collected_at,"
@@ -311,13 +362,25 @@ def _insert_row(conn: sqlite3.Connection, record: dict, request_id: str, now: st
     is stored alongside a record is decided in one place.
     """
     row = _row(record, request_id, now)
-    conn.execute(_INSERT_SQL, row)
+    _insert_rows(conn, [row])
     return row[-1]
 
 
-def _insert_rows(conn: sqlite3.Connection, rows: Iterable[tuple]) -> None:
-    """`_insert_row` for many prepared rows at once (batch ingest, seed), inside the caller's transaction."""
+def _insert_rows(conn: sqlite3.Connection, rows: list[tuple]) -> None:
+    """`_insert_row` for many prepared rows at once (batch ingest, seed), inside the caller's transaction:
+    the rows, and their counts in clinic_counts, one upsert per clinic, test type and status."""
     conn.executemany(_INSERT_SQL, rows)
+    groups: dict[tuple[str, str, str], list] = {}
+    for row in rows:
+        key, collected = (row[1], row[3], row[4]), row[5]
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [1, collected, collected]
+        else:
+            group[0] += 1
+            group[1] = min(group[1], collected)
+            group[2] = max(group[2], collected)
+    conn.executemany(_COUNT_SQL, [(*key, *group) for key, group in groups.items()])
 
 
 # The filters a collection query may carry, each one parameterised condition on an indexed column.
@@ -377,6 +440,16 @@ def migrate(conn: sqlite3.Connection, upto: int = SCHEMA_VERSION) -> None:
 def _statements(script: str) -> list[str]:
     """Split a migration into statements so they run inside our transaction.
 
-    `executescript()` would COMMIT first; migrations contain no semicolons inside strings.
+    `executescript()` would COMMIT first. Pieces are joined until SQLite calls them complete,
+    so a trigger's body (semicolons between BEGIN and END) stays one statement.
     """
-    return [s.strip() for s in script.split(";") if s.strip()]
+    statements, pending = [], ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending.strip())
+            pending = ""
+    if pending.strip(" \n;"):
+        raise ValueError(f"incomplete statement in a migration: {pending.strip()[:80]}")
+    return statements

@@ -5,10 +5,15 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
+import sqlite3
+from datetime import datetime, timezone
 
 import pytest
 
+from records_service import store as store_module
 from records_service.logs import JsonFormatter
+from records_service.seed import seed_rows
 from tests.test_api import assert_problem
 from tests.test_listing import ingest, make, varied  # noqa: F401  (fixture)
 
@@ -117,3 +122,44 @@ def test_the_collection_paths_answer_405_to_other_methods(client, path):
     resp = client.simulate_request("DELETE", path)
     assert_problem(resp, 405)
     assert resp.headers["allow"]
+
+
+def _counts(conn) -> list[tuple]:
+    return conn.execute("SELECT * FROM clinic_counts ORDER BY 1, 2, 3").fetchall()
+
+
+def _recounted(conn) -> list[tuple]:
+    return conn.execute("SELECT clinic_id, test_type, status, count(*), min(collected_at), max(collected_at)"
+                        " FROM records GROUP BY 1, 2, 3 ORDER BY 1, 2, 3").fetchall()
+
+
+def test_the_counts_behind_stats_follow_every_insert_change_and_removal(client, settings, record):
+    ingest(client, [make(f"b{i}", clinic_id=f"C{i % 3}", test_type=("CBC", "LDL")[i % 2],
+                         collected_at=f"2025-01-{i % 28 + 1:02d}T00:00:00Z") for i in range(60)])
+    assert client.simulate_post("/tests", json=record).status_code == 201
+    conn = sqlite3.connect(settings.db_path, isolation_level=None)
+    conn.execute("BEGIN")
+    store_module._insert_rows(conn, list(seed_rows(500, 4, datetime(2025, 6, 1, tzinfo=timezone.utc), rng_seed=9)))
+    conn.execute("COMMIT")
+    assert _counts(conn) == _recounted(conn) and len(_counts(conn)) > 20
+
+    # Changes in place (as corrections and voids make them) and removals, at random: the counts,
+    # first and last times included, always equal a recount of the records.
+    rng = random.Random(7)
+    seqs = [row[0] for row in conn.execute("SELECT seq FROM records")]
+    for step in range(300):
+        seq = rng.choice(seqs)
+        change = rng.choice(["status", "test_type", "collected_at", "clinic_id", "several", "delete"])
+        if change == "delete":
+            conn.execute("DELETE FROM records WHERE seq = ?", (seq,))
+            seqs.remove(seq)
+            continue
+        values = {"status": rng.choice(["final", "corrected", "entered-in-error"]),
+                  "test_type": rng.choice(["CBC", "LDL", "HbA1c"]),
+                  "collected_at": f"20{rng.randint(10, 30)}-01-01T00:00:00.000000000Z",
+                  "clinic_id": rng.choice(["C0", "C1", "C0001"])}
+        columns = list(values) if change == "several" else [change]
+        conn.execute(f"UPDATE records SET {', '.join(f'{c} = ?' for c in columns)} WHERE seq = ?",
+                     [values[c] for c in columns] + [seq])
+        assert _counts(conn) == _recounted(conn), f"after step {step}: {change}"
+    conn.close()

@@ -281,8 +281,8 @@ def test_plans_hold_once_the_planner_has_statistics_of_a_skewed_database(tmp_pat
         _assert_indexed(conn, combo)
 
 
-def test_stats_read_the_clinic_index_alone(tmp_path):
+def test_stats_read_a_clinics_counts_by_primary_key(tmp_path):
     conn = sqlite3.connect(tmp_path / "plan.db", isolation_level=None)
     store_module.migrate(conn)
     plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + store_module._STATS_SQL, ("C1",))]
-    assert plan[0] == "SEARCH records USING COVERING INDEX records_by_clinic (clinic_id=?)"
+    assert plan == ["SEARCH clinic_counts USING PRIMARY KEY (clinic_id=?)"]

@@ -24,10 +24,11 @@ def version_1_database(path, records: list[dict] = (), seeded: int = 0) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     store_module.migrate(conn, upto=1)
+    # Schema-1 code inserted the rows alone (the INSERT is the same); there were no counts yet.
+    rows = [store_module._row({"unit": None, "notes": None, **record}, "req-v1", "2025-05-31T00:00:00.000Z")
+            for record in records]
     conn.execute("BEGIN")
-    for record in records:
-        store_module._insert_row(conn, {"unit": None, "notes": None, **record}, "req-v1", "2025-05-31T00:00:00.000Z")
-    store_module._insert_rows(conn, seed_rows(seeded, 10, NOW, rng_seed=2))
+    conn.executemany(store_module._INSERT_SQL, rows + list(seed_rows(seeded, 10, NOW, rng_seed=2)))
     conn.execute("COMMIT")
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
     conn.close()
@@ -54,6 +55,10 @@ def test_a_version_1_database_is_migrated_at_start_and_keeps_every_record(tmp_pa
     found = indexes(settings.db_path)
     assert "(clinic_id, seq, status, test_type, collected_at)" in found["records_by_clinic"]
     assert "(clinic_id, patient_id, seq)" in found["records_by_patient"]
+    # The stats' counts start from the records that were there.
+    assert conn.execute("SELECT clinic_id, test_type, status, records FROM clinic_counts ORDER BY status").fetchall() == [
+        ("C1", "CBC", "cancelled", 2), ("C1", "CBC", "final", 3)]
+    assert client.simulate_get("/tests/_stats", params={"clinic_id": "C1"}).json["total"] == 5
     # The old records, in their old order, now filterable and paged.
     assert ids(client.simulate_get("/tests", params={"clinic_id": "C1", "limit": "1000"})) == [r["test_id"] for r in old]
     assert ids(client.simulate_get("/tests", params={"clinic_id": "C1", "patient_id": "P1"})) == ["v1-1", "v1-3"]
