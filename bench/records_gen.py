@@ -1,6 +1,6 @@
 """Synthetic medical test records for the benchmark: one generator, used for pre-filling the
 database, for sizing the bare app's constant bodies, and mirrored field for field by
-`post_tests.lua` (keep the two in step: same test types, units, value ranges, notes).
+`record.lua` (keep the two in step: same test types, units, value ranges, notes).
 
 Ids are fixed-width so every record of one kind serialises to (nearly) the same size:
 clinics `C0001`..`C1000`, patients `P000001`.., pre-filled tests `seed-0000001`.., benchmark

@@ -10,12 +10,15 @@ import argparse
 import logging.config
 import os
 import sys
+import time
 from datetime import datetime, timezone
 
 from . import keys, store
+from .app import utc_now
 from .config import ConfigError, Settings, load_dotenv_file, load_settings
 from .errors import StoreBusy, StoreUnavailable
 from .logs import logging_config
+from .seed import ProgressBar, seed_rows
 from .resources import utc_millis
 from .store import Store
 from .trace import entries_of, timeline
@@ -163,6 +166,13 @@ def run_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _at_least_1(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {raw})")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m records_service")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -195,7 +205,32 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="verify integrity and schema version; non-zero exit on failure")
     check.add_argument("path", metavar="PATH", nargs="?", help="database to check (default: RECORDS_DB_PATH)")
     check.set_defaults(run=run_check)
+    seed = commands.add_parser("seed", help="fill the database with synthetic records, fast")
+    seed.add_argument("--records", type=_at_least_1, required=True, help="how many records to add")
+    seed.add_argument("--clinics", type=_at_least_1, default=500, help="spread over this many clinics (default 500)")
+    seed.add_argument("--random-seed", type=int, default=None, help="make the records' content reproducible")
+    seed.set_defaults(run=run_seed)
     return parser
+
+
+def run_seed(args: argparse.Namespace, settings: Settings) -> int:
+    """Add synthetic records to RECORDS_DB_PATH (migrating it first), with a progress bar on a terminal."""
+    store = Store(settings.db_path, synchronous=settings.synchronous, busy_timeout_ms=settings.busy_timeout_ms)
+    bar = ProgressBar(args.records)
+    started = time.perf_counter()
+    try:
+        for done in store.bulk_insert(seed_rows(args.records, args.clinics, utc_now(), rng_seed=args.random_seed)):
+            bar.update(done)
+    except (StoreUnavailable, StoreBusy) as exc:
+        print(f"records_service: seed failed: {exc or 'the database stayed busy'}", file=sys.stderr)
+        return 1
+    finally:
+        bar.close()
+        store.close()
+    elapsed = time.perf_counter() - started
+    print(f"seeded {args.records:,} records over {args.clinics:,} clinics into {settings.db_path} "
+          f"in {elapsed:.1f}s ({args.records / elapsed:,.0f} records/s)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from typing import Callable
 import falcon
 
 from . import errors, runtime
+from .collection import Batch, Export, Stats
 from .config import Settings, load_settings
 from .lifecycle import Audit, History, Record
 from .middleware import Authenticate, RequestContext
@@ -52,6 +53,9 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
     app.add_route("/ready", Ready(store))
     app.add_route("/openapi.json", OpenAPIDocument())
     app.add_route("/tests", TestsCollection(store, clock, settings.max_body_bytes))
+    app.add_route("/tests/_batch", Batch(store, clock, settings.max_batch_bytes))
+    app.add_route("/tests/_export", Export(store))
+    app.add_route("/tests/_stats", Stats(store))
     app.add_route("/tests/{test_id}", Record(store, clock, settings.max_body_bytes))
     app.add_route("/tests/{test_id}/history", History(store))
     app.add_route("/audit/{request_id}", Audit(store))

@@ -67,8 +67,30 @@ def invalid_record(errors: list[dict], detail: str | None = None) -> Problem:
 
 
 def invalid_parameter(name: str, message: str) -> Problem:
-    return Problem(400, "invalid-parameter", f"query parameter {name} {message}", title="Invalid query parameter",
-                   errors=[{"field": name, "message": message}])
+    return invalid_parameters([{"field": name, "message": message}])
+
+
+def invalid_parameters(errors: list[dict]) -> Problem:
+    """400 naming every failing query parameter; the detail spells out the first."""
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return Problem(400, "invalid-parameter", f"query parameter {first['field']} {first['message']}{more}",
+                   title="Invalid query parameter", errors=errors)
+
+
+def malformed_json(message: str) -> Problem:
+    return Problem(400, "malformed-json", message, title="Malformed JSON")
+
+
+def duplicate_record(test_id: str, identical: bool, detail: str | None = None) -> Problem:
+    return Problem(409, "duplicate", detail or f"a record with test_id {test_id} already exists; nothing was changed",
+                   identical=identical)
+
+
+def problem_fields(problem: Problem) -> dict:
+    """What a problem says, as the members of one item of a list (a batch's `failed`)."""
+    return {"status": problem.status_code, "type": problem.type_uri, "title": problem.title,
+            "detail": problem.description, **problem.members}
 
 
 def serialize_problem(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:

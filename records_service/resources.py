@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Callable
+from typing import Callable, Iterable
+from urllib.parse import quote, urlencode
 
 import falcon
 
+from . import cursor
 from .access import clinic_forbidden
-from .errors import DuplicateRecord, Problem, invalid_parameter, invalid_record
+from .errors import (DuplicateRecord, Problem, duplicate_record, invalid_parameter, invalid_parameters,
+                     invalid_record, malformed_json)
 from .store import Store
-from .validate import MalformedJSON, check_id, client_fields, parse_json, validate_record
+from .validate import FILTERS, MalformedJSON, client_fields, parse_json, validate_list_query, validate_record
 
 log = logging.getLogger("records_service.http")
 
@@ -24,10 +27,9 @@ def read_body(req: falcon.Request, limit: int, accepted: tuple[str, ...] = (JSON
     A declared Content-Length over the limit is refused before anything is read; a chunked
     body is read at most one byte past the limit.
     """
-    media_type = (req.content_type or "").split(";", 1)[0].strip().lower()
-    if media_type not in accepted:
-        raise Problem(415, "unsupported-media-type",
-                      f"Content-Type must be {' or '.join(accepted)} (got {media_type or 'none'})")
+    kind = media_type(req)
+    if kind not in accepted:
+        raise Problem(415, "unsupported-media-type", f"Content-Type must be {' or '.join(accepted)} (got {kind or 'none'})")
     if req.content_length is not None:
         if req.content_length > limit:
             raise _too_large(limit)
@@ -41,6 +43,11 @@ def read_body(req: falcon.Request, limit: int, accepted: tuple[str, ...] = (JSON
     return body
 
 
+def media_type(req: falcon.Request) -> str:
+    """The request's Content-Type without parameters, lower case ("" when absent)."""
+    return (req.content_type or "").split(";", 1)[0].strip().lower()
+
+
 def _too_large(limit: int) -> Problem:
     return Problem(413, "too-large", f"the body is larger than the limit of {limit} bytes")
 
@@ -49,7 +56,7 @@ def read_json(req: falcon.Request, limit: int):
     try:
         return parse_json(read_body(req, limit))
     except MalformedJSON as exc:
-        raise Problem(400, "malformed-json", str(exc), title="Malformed JSON") from None
+        raise malformed_json(str(exc)) from None
 
 
 def require_valid(checked: tuple[dict | None, list[dict]]) -> dict:
@@ -79,6 +86,29 @@ def query_params(req: falcon.Request, allowed: set[str], required: set[str]) -> 
     return params
 
 
+def clinic_query(req: falcon.Request, extra: Iterable[str] = (),
+                 filter_names: Iterable[str] = FILTERS) -> tuple[dict, dict]:
+    """A query about one clinic: (checked query {"filters", "limit"}, the raw parameters).
+
+    Takes clinic_id, the filters named, and `extra` parameters the caller checks itself.
+    400 names every bad parameter; 403 when the caller may not see the clinic.
+    """
+    params = query_params(req, allowed={"clinic_id", *filter_names, *extra}, required={"clinic_id"})
+    query, errors = validate_list_query(params)
+    if errors:
+        raise invalid_parameters(errors)
+    clinic_id = query["filters"]["clinic_id"]
+    if not req.context.principal.sees(clinic_id):
+        raise clinic_forbidden(clinic_id)
+    return query, params
+
+
+def next_link(path: str, filters: dict[str, str], limit: int, token: str) -> str:
+    """RFC 8288 `Link` to the next page: the same filters (in their clean form), limit, and the cursor."""
+    query = urlencode({**filters, "limit": limit, "cursor": token}, quote_via=quote, safe="")
+    return f'<{path}?{query}>; rel="next"'
+
+
 class TestsCollection:
     """POST /tests (ingest one record) and GET /tests?clinic_id= (the clinic's records)."""
 
@@ -96,21 +126,24 @@ class TestsCollection:
         try:
             body = self._store.insert(record, request_id=req.context.request_id, now=utc_millis(now))
         except DuplicateRecord as dup:
-            raise Problem(409, "duplicate", f"a record with test_id {record['test_id']} already exists; nothing was changed",
-                          identical=client_fields(dup.stored) == record) from None
+            raise duplicate_record(record["test_id"], client_fields(dup.stored) == record) from None
         resp.status = falcon.HTTP_201
         resp.location = f"/tests/{record['test_id']}"
         resp.content_type = JSON
         resp.text = body
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        params = query_params(req, allowed={"clinic_id"}, required={"clinic_id"})
-        problem = check_id(params["clinic_id"])
-        if problem:
-            raise invalid_parameter("clinic_id", problem)
-        if not req.context.principal.sees(params["clinic_id"]):
-            raise clinic_forbidden(params["clinic_id"])
-        body, count = self._store.list_clinic_json(params["clinic_id"])
+        query, params = clinic_query(req, extra=("limit", "cursor"))
+        filters, limit = query["filters"], query["limit"]
+        after_seq = 0
+        if "cursor" in params:
+            after_seq = cursor.decode(self._store.cursor_secret(), filters, params["cursor"])
+            if after_seq is None:
+                raise invalid_parameter("cursor", "is not a cursor this service issued for these filters")
+        body, count, next_after = self._store.list_page(filters, after_seq, limit)
+        if next_after is not None:
+            resp.set_header("Link", next_link(req.root_path + req.path, filters, limit,
+                                              cursor.encode(self._store.cursor_secret(), filters, next_after)))
         req.context.log_fields = {"count": count}
         resp.content_type = JSON
         resp.text = body

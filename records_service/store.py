@@ -13,17 +13,34 @@ import json
 import logging
 import os
 import sqlite3
+from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, TypeVar
+from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 from .errors import AlreadyVoided, DuplicateRecord, StoreBusy, StoreUnavailable, VersionMismatch
-from .validate import VOIDED_STATUS, client_fields, timestamp_sort_key
+from .validate import VOIDED_STATUS, client_fields, timestamp_from_sort_key, timestamp_sort_key
 
 log = logging.getLogger("records_service.store")
 
 T = TypeVar("T")
 
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+
+# Part of migration 2 (so frozen like it): take OLD out of its clinic_counts group, dropping an
+# emptied group and recomputing first/last when OLD was at an edge. Used by two triggers.
+_V2_UNCOUNT_OLD = """
+        UPDATE clinic_counts SET records = records - 1
+            WHERE clinic_id = OLD.clinic_id AND test_type = OLD.test_type AND status = OLD.status;
+        DELETE FROM clinic_counts
+            WHERE clinic_id = OLD.clinic_id AND test_type = OLD.test_type AND status = OLD.status AND records = 0;
+        UPDATE clinic_counts SET
+                first_collected_at = (SELECT min(collected_at) FROM records WHERE clinic_id = OLD.clinic_id
+                                      AND test_type = OLD.test_type AND status = OLD.status),
+                last_collected_at = (SELECT max(collected_at) FROM records WHERE clinic_id = OLD.clinic_id
+                                     AND test_type = OLD.test_type AND status = OLD.status)
+            WHERE clinic_id = OLD.clinic_id AND test_type = OLD.test_type AND status = OLD.status
+                AND OLD.collected_at IN (first_collected_at, last_collected_at);
+"""
 
 # Version N's script moves the schema from N-1 to N. Never edit one that has shipped: add one.
 MIGRATIONS: dict[int, str] = {
@@ -44,6 +61,51 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX records_by_clinic ON records (clinic_id, seq);
     """,
+    # Records at scale: filters, keyset paging, stats. Every query names its clinic and pages by
+    # seq, so both indexes lead with (clinic_id, ...) and end in seq order. The clinic index also
+    # carries the filtered columns: a status, test type or time filter, and the stats, are
+    # answered from the index without reading rows that do not match. Patients get their own
+    # index because one patient is a needle in a big clinic. Two indexes, not one per filter:
+    # every index costs every insert (batch ingest and seed are bound by index upkeep).
+    # `meta` holds the key that signs paging cursors, made once here so all workers share it.
+    # `clinic_counts` answers /tests/_stats without reading a clinic's records: the store adds
+    # new records to it in the transaction that inserts them (one upsert per clinic, type and
+    # status of a batch: an INSERT trigger would cost ~5 us a row); triggers move a record
+    # between groups when it is changed in place or removed, which is rare.
+    2: """
+    DROP INDEX records_by_clinic;
+    CREATE INDEX records_by_clinic ON records (clinic_id, seq, status, test_type, collected_at);
+    CREATE INDEX records_by_patient ON records (clinic_id, patient_id, seq);
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    );
+    INSERT INTO meta (key, value) VALUES ('cursor_secret', randomblob(32));
+    CREATE TABLE clinic_counts (
+        clinic_id          TEXT NOT NULL,
+        test_type          TEXT NOT NULL,
+        status             TEXT NOT NULL,
+        records            INTEGER NOT NULL,
+        first_collected_at TEXT NOT NULL,   -- sort keys, like records.collected_at
+        last_collected_at  TEXT NOT NULL,
+        PRIMARY KEY (clinic_id, test_type, status)
+    ) WITHOUT ROWID;
+    INSERT INTO clinic_counts
+        SELECT clinic_id, test_type, status, count(*), min(collected_at), max(collected_at)
+        FROM records GROUP BY clinic_id, test_type, status;
+    CREATE TRIGGER records_recounted AFTER UPDATE OF clinic_id, test_type, status, collected_at ON records
+    BEGIN
+        INSERT INTO clinic_counts VALUES (NEW.clinic_id, NEW.test_type, NEW.status, 1, NEW.collected_at, NEW.collected_at)
+            ON CONFLICT (clinic_id, test_type, status) DO UPDATE SET records = records + 1,
+                first_collected_at = min(first_collected_at, excluded.first_collected_at),
+                last_collected_at = max(last_collected_at, excluded.last_collected_at);
+        {uncount_old}
+    END;
+    CREATE TRIGGER records_uncounted AFTER DELETE ON records
+    BEGIN
+        {uncount_old}
+    END;
+    """.format(uncount_old=_V2_UNCOUNT_OLD.strip()),
     # Every version of every record, append-only. Triggers on `records` write it, so every way
     # of creating or changing a record (single, batch, seed) keeps history without knowing it.
     # rowid order is write order: /audit lists one request's writes in the order it made them.
@@ -97,25 +159,18 @@ MIGRATIONS: dict[int, str] = {
         revoked_at    TEXT                  -- NULL while the key is valid
     );
     """,
-    # Counters for the dashboard, kept by a trigger so every way of creating a record (one
-    # POST, a batch, seed) counts it, and the dashboard never scans `records`. A record is
-    # counted once, at ingest, in the UTC hour of its `created_at`. Records are never deleted
-    # and corrections and voids update the row in place, keeping clinic_id and created_at:
-    # they count nothing. `check` recounts, to prove it.
+    # The dashboard's ingest-per-hour counter, kept by a trigger so every way of creating a
+    # record (one POST, a batch, seed) counts it and the dashboard never scans `records`. A
+    # record counts once, at ingest, in the UTC hour of its `created_at`; records are never
+    # deleted, and corrections and voids keep created_at. Records per clinic come from
+    # migration 2's clinic_counts. `check` recounts both, to prove them.
     5: """
-    CREATE TABLE clinic_counts (
-        clinic_id TEXT PRIMARY KEY,
-        total     INTEGER NOT NULL
-    ) WITHOUT ROWID;
     CREATE TABLE hourly_ingest (
         hour    TEXT PRIMARY KEY,           -- created_at's first 13 characters: 2025-06-01T12
         total   INTEGER NOT NULL
     ) WITHOUT ROWID;
-    INSERT INTO clinic_counts (clinic_id, total) SELECT clinic_id, count(*) FROM records GROUP BY clinic_id;
     INSERT INTO hourly_ingest (hour, total) SELECT substr(created_at, 1, 13), count(*) FROM records GROUP BY 1;
     CREATE TRIGGER records_counted AFTER INSERT ON records BEGIN
-        INSERT INTO clinic_counts (clinic_id, total) VALUES (NEW.clinic_id, 1)
-            ON CONFLICT (clinic_id) DO UPDATE SET total = total + 1;
         INSERT INTO hourly_ingest (hour, total) VALUES (substr(NEW.created_at, 1, 13), 1)
             ON CONFLICT (hour) DO UPDATE SET total = total + 1;
     END;
@@ -146,6 +201,7 @@ class Store:
         self._conn: sqlite3.Connection | None = None
         self._pid: int | None = None
         self._file_id: tuple[int, int] | None = None
+        self._cursor_secret: bytes | None = None
 
     # -- connection and schema -------------------------------------------------------------
 
@@ -157,6 +213,7 @@ class Store:
             self.close()
         if self._conn is None or self._pid != os.getpid():
             self._conn = None
+            self._cursor_secret = None
             self._conn = self._open()
             self._pid = os.getpid()
             self._file_id = _file_id(self._path)
@@ -175,6 +232,7 @@ class Store:
             if _is_busy(exc):
                 raise StoreBusy() from exc
             raise StoreUnavailable(f"cannot open database: {exc}") from exc
+        log.info("database ready", extra={"schema_version": SCHEMA_VERSION})
         return conn
 
     def open(self) -> None:
@@ -306,6 +364,114 @@ class Store:
             " JOIN records AS r ON r.test_id = v.test_id WHERE v.request_id = ? ORDER BY v.rowid", (request_id,))
         return [{"test_id": t, "version": v, "action": a, "at": at, "clinic_id": c} for t, v, a, at, c in rows]
 
+    def insert_batch(self, records: list[dict], *, request_id: str, now: str, atomic: bool) -> dict[str, dict]:
+        """Store new records (valid, distinct test_ids) in one transaction, in their order.
+
+        Returns the stored record for every test_id that already existed: those are not stored.
+        With `atomic`, nothing at all is stored when any already existed. The rows are built
+        before the write lock is taken, so other writers wait only for the SQL.
+        """
+        rows = [_row(record, request_id, now) for record in records]
+        test_ids = json.dumps([record["test_id"] for record in records])
+
+        def work(conn: sqlite3.Connection) -> dict[str, str]:
+            existing = dict(conn.execute(_EXISTING_SQL, (test_ids,)))
+            if existing and atomic:
+                raise _NothingStored(existing)
+            _insert_rows(conn, [row for row in rows if row[0] not in existing])
+            return existing
+
+        try:
+            existing = self._write(work)
+        except _NothingStored as refused:
+            existing = refused.existing
+            log.info("batch not stored: test_ids exist", extra={"existing": len(existing)})
+        else:
+            log.info("committed", extra={"stored": len(records) - len(existing), "existing": len(existing)})
+        return {test_id: json.loads(doc) for test_id, doc in existing.items()}
+
+    def existing(self, test_ids: list[str]) -> dict[str, dict]:
+        """The stored record of each of these test_ids that exists."""
+        rows = self._read(_EXISTING_SQL, (json.dumps(test_ids),))
+        return {test_id: json.loads(doc) for test_id, doc in rows}
+
+    def bulk_insert(self, rows: Iterable[tuple], chunk_rows: int = 50_000) -> Iterator[int]:
+        """Insert prepared rows (`_row`'s shape) in transactions of `chunk_rows`, yielding the running
+        count after each commit. For the seed command, which prepares its rows faster than `_row`."""
+        rows = iter(rows)
+        total = 0
+        conn = self._connection()
+        # For the load only: a cache that holds the indexes being extended (the default 2 MiB
+        # re-reads them from the OS for every row), and a checkpoint every 256 MiB of WAL rather
+        # than every 4 MiB (each checkpoint is an fsync). Both halve the wall time of a big seed.
+        conn.execute("PRAGMA cache_size = -262144")
+        conn.execute("PRAGMA wal_autocheckpoint = 65536")
+        try:
+            while chunk := list(islice(rows, chunk_rows)):
+                self._write(lambda conn: _insert_rows(conn, chunk))
+                total += len(chunk)
+                yield total
+        finally:
+            conn.execute("PRAGMA cache_size = -2000")
+            conn.execute("PRAGMA wal_autocheckpoint = 1000")
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def list_page(self, filters: dict[str, str], after_seq: int, limit: int) -> tuple[str, int, int | None]:
+        """One page of matching records, oldest ingested first: (JSON array text, its length, the
+        seq the next page starts after, or None when this is the last page)."""
+        sql, params = select_records(filters, after_seq, limit + 1)
+        rows = self._read(sql, params)
+        more = len(rows) > limit
+        del rows[limit:]
+        body = "[" + ",".join(doc for _, doc in rows) + "]"
+        return body, len(rows), rows[-1][0] if more else None
+
+    def export_docs(self, filters: dict[str, str], chunk_rows: int = 1000) -> Iterator[list[str]]:
+        """Every matching record's JSON, oldest ingested first, in lists of at most `chunk_rows`.
+
+        The query starts now, so a busy or broken database fails before a response is under way;
+        rows are fetched only as the iterator is consumed, never all at once.
+        """
+        sql, params = select_records(filters)
+        try:
+            cursor = self._connection().execute(sql, params)
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                raise StoreBusy() from exc
+            raise
+
+        def chunks() -> Iterator[list[str]]:
+            try:
+                while rows := cursor.fetchmany(chunk_rows):
+                    yield [doc for _, doc in rows]
+            finally:
+                cursor.close()
+
+        return chunks()
+
+    def clinic_stats(self, clinic_id: str) -> dict:
+        """Counts by test type and status, and the first and last collected_at, from clinic_counts."""
+        rows = self._read(_STATS_SQL, (clinic_id,))
+        by_test_type: dict[str, int] = {}
+        by_status: dict[str, int] = {}
+        for test_type, status, count, _, _ in rows:
+            by_test_type[test_type] = by_test_type.get(test_type, 0) + count
+            by_status[status] = by_status.get(status, 0) + count
+        return {
+            "clinic_id": clinic_id,
+            "total": sum(by_status.values()),
+            "by_test_type": dict(sorted(by_test_type.items())),
+            "by_status": dict(sorted(by_status.items())),
+            "first_collected_at": timestamp_from_sort_key(min(row[3] for row in rows)) if rows else None,
+            "last_collected_at": timestamp_from_sort_key(max(row[4] for row in rows)) if rows else None,
+        }
+
+    def cursor_secret(self) -> bytes:
+        """The key that signs paging cursors: made once by migration 2, the same in every worker."""
+        if self._cursor_secret is None:
+            self._cursor_secret = self._read("SELECT value FROM meta WHERE key = 'cursor_secret'")[0][0]
+        return self._cursor_secret
+
     def get(self, test_id: str) -> dict | None:
         rows = self._read("SELECT doc FROM records WHERE test_id = ?", (test_id,))
         return json.loads(rows[0][0]) if rows else None
@@ -341,11 +507,12 @@ class Store:
         """
         try:
             clinic_count, records = self._read(
-                "SELECT count(*), coalesce(sum(total), 0) FROM clinic_counts")[0]
+                "SELECT count(DISTINCT clinic_id), coalesce(sum(records), 0) FROM clinic_counts")[0]
             return {
                 "records": records,
                 "clinic_count": clinic_count,
-                "clinics": self._read("SELECT clinic_id, total FROM clinic_counts ORDER BY total DESC, clinic_id LIMIT ?",
+                "clinics": self._read("SELECT clinic_id, sum(records) AS total FROM clinic_counts GROUP BY clinic_id"
+                                      " ORDER BY total DESC, clinic_id LIMIT ?",
                                       (top_clinics,)),
                 "hours": dict(self._read("SELECT hour, total FROM hourly_ingest WHERE hour >= ?", (since_hour,))),
                 "schema_version": self._read("PRAGMA user_version")[0][0],
@@ -466,8 +633,10 @@ def backup_database(source: str, dest: str, *, busy_timeout_ms: int = 5000) -> d
 
 # Each counter table against the truth it summarises, as (truth, kept) queries.
 _COUNTERS = {
-    "clinic_counts": ("SELECT clinic_id, count(*) FROM records GROUP BY 1",
-                      "SELECT clinic_id, total FROM clinic_counts"),
+    "clinic_counts": ("SELECT clinic_id, test_type, status, count(*), min(collected_at), max(collected_at)"
+                      " FROM records GROUP BY 1, 2, 3",
+                      "SELECT clinic_id, test_type, status, records, first_collected_at, last_collected_at"
+                      " FROM clinic_counts"),
     "hourly_ingest": ("SELECT substr(created_at, 1, 13), count(*) FROM records GROUP BY 1",
                       "SELECT hour, total FROM hourly_ingest"),
 }
@@ -529,21 +698,97 @@ def _clinics(column: str | None) -> list[str] | None:
     return None if column is None else json.loads(column)
 
 
+class _NothingStored(Exception):
+    """Raised inside an atomic batch's transaction to roll it back; carries the test_ids that exist."""
+
+    def __init__(self, existing: dict[str, str]) -> None:
+        super().__init__(len(existing))
+        self.existing = existing
+
+
+_STATS_SQL = ("SELECT test_type, status, records, first_collected_at, last_collected_at FROM clinic_counts"
+              " WHERE clinic_id = ?")
+_COUNT_SQL = (
+    "INSERT INTO clinic_counts (clinic_id, test_type, status, records, first_collected_at, last_collected_at)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (clinic_id, test_type, status) DO UPDATE SET"
+    " records = records + excluded.records,"
+    " first_collected_at = min(first_collected_at, excluded.first_collected_at),"
+    " last_collected_at = max(last_collected_at, excluded.last_collected_at)"
+)
+_EXISTING_SQL = "SELECT test_id, doc FROM records WHERE test_id IN (SELECT value FROM json_each(?))"
+_INSERT_SQL = (
+    "INSERT INTO records (test_id, clinic_id, patient_id, test_type, status, collected_at,"
+    " created_at, updated_at, version, request_id, doc)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)"
+)
+
+
+def _row(record: dict, request_id: str, now: str) -> tuple:
+    """The parameters of _INSERT_SQL for one validated record at version 1; the last is its JSON."""
+    return (record["test_id"], record["clinic_id"], record["patient_id"], record["test_type"], record["status"],
+            timestamp_sort_key(record["collected_at"]), now, now, request_id,
+            _stored_doc(record, created_at=now, updated_at=now, version=1, request_id=request_id))
+
+
 def _insert_row(conn: sqlite3.Connection, record: dict, request_id: str, now: str) -> str:
     """Insert one validated record at version 1 inside the caller's transaction; return its JSON.
 
     Raises sqlite3.IntegrityError when the test_id is taken. Every way of creating records
-    goes through here, so what is stored alongside a record is decided in one place.
+    goes through here or its many-row form `_insert_rows` (same SQL, same row shape), so what
+    is stored alongside a record is decided in one place.
     """
-    doc = _stored_doc(record, created_at=now, updated_at=now, version=1, request_id=request_id)
-    conn.execute(
-        "INSERT INTO records (test_id, clinic_id, patient_id, test_type, status, collected_at,"
-        " created_at, updated_at, version, request_id, doc)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)",
-        (record["test_id"], record["clinic_id"], record["patient_id"], record["test_type"],
-         record["status"], timestamp_sort_key(record["collected_at"]), now, now, request_id, doc),
-    )
-    return doc
+    row = _row(record, request_id, now)
+    _insert_rows(conn, [row])
+    return row[-1]
+
+
+def _insert_rows(conn: sqlite3.Connection, rows: list[tuple]) -> None:
+    """`_insert_row` for many prepared rows at once (batch ingest, seed), inside the caller's transaction:
+    the rows, and their counts in clinic_counts, one upsert per clinic, test type and status."""
+    conn.executemany(_INSERT_SQL, rows)
+    groups: dict[tuple[str, str, str], list] = {}
+    for row in rows:
+        key, collected = (row[1], row[3], row[4]), row[5]
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [1, collected, collected]
+        else:
+            group[0] += 1
+            group[1] = min(group[1], collected)
+            group[2] = max(group[2], collected)
+    conn.executemany(_COUNT_SQL, [(*key, *group) for key, group in groups.items()])
+
+
+# The filters a collection query may carry, each one parameterised condition on an indexed column.
+_FILTER_SQL = {
+    "clinic_id": "clinic_id = ?",
+    "patient_id": "patient_id = ?",
+    "test_type": "test_type = ?",
+    "status": "status = ?",
+    "collected_from": "collected_at >= ?",
+    "collected_to": "collected_at < ?",
+}
+_TIME_FILTERS = ("collected_from", "collected_to")
+
+
+def select_records(filters: dict[str, str], after_seq: int = 0, limit: int | None = None) -> tuple[str, list]:
+    """The query for (seq, doc) of records matching `filters` (clean values, clinic_id among them),
+    after `after_seq`, in seq order, and its parameters. Tests EXPLAIN exactly this."""
+    unknown = set(filters) - _FILTER_SQL.keys()
+    if unknown or "clinic_id" not in filters:
+        raise ValueError(f"not a clinic query: {sorted(filters)}")
+    conditions, params = [], []
+    for name, condition in _FILTER_SQL.items():
+        if name in filters:
+            conditions.append(condition)
+            params.append(timestamp_sort_key(filters[name]) if name in _TIME_FILTERS else filters[name])
+    conditions.append("seq > ?")
+    params.append(after_seq)
+    sql = "SELECT seq, doc FROM records WHERE " + " AND ".join(conditions) + " ORDER BY seq"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return sql, params
 
 
 def _stored_doc(record: dict, *, created_at: str, updated_at: str, version: int, request_id: str) -> str:

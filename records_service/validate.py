@@ -11,6 +11,7 @@ import json
 import math
 import re
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 from typing import Any
 
 ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:-]*$"
@@ -77,23 +78,50 @@ def _object_pairs(pairs: list[tuple[str, Any]]) -> dict:
 _decoder = json.JSONDecoder(object_pairs_hook=_object_pairs, parse_constant=NonFinite)
 
 
-def parse_json(body: bytes) -> Any:
-    """Decode UTF-8 JSON strictly; raise MalformedJSON with a client-safe message."""
+def parse_json(body: bytes, what: str = "the body") -> Any:
+    """Decode UTF-8 JSON strictly; raise MalformedJSON with a client-safe message about `what`."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise MalformedJSON(f"the body is not valid UTF-8 (byte {exc.start})") from None
+        raise MalformedJSON(f"{what} is not valid UTF-8 (byte {exc.start})") from None
     if not text.strip():
-        raise MalformedJSON("the body is empty; expected a JSON document")
+        raise MalformedJSON(f"{what} is empty; expected a JSON document")
     try:
         return _decoder.decode(text)
     except json.JSONDecodeError as exc:
-        raise MalformedJSON(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise MalformedJSON(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
-        raise MalformedJSON("the body is not acceptable JSON: nested too deeply") from None
+        raise MalformedJSON(f"{what} is not acceptable JSON: nested too deeply") from None
     except ValueError:
         # int() refuses numbers with thousands of digits (CPython's int_max_str_digits).
-        raise MalformedJSON("the body is not acceptable JSON: a number has too many digits") from None
+        raise MalformedJSON(f"{what} is not acceptable JSON: a number has too many digits") from None
+
+
+class InvalidBatch(ValueError):
+    """A batch body that parses but is not an array of records."""
+
+
+def parse_batch(body: bytes, ndjson: bool) -> list[Any]:
+    """The items of a batch body, in order.
+
+    NDJSON: one item per non-blank line, each parsed on its own; a line that does not parse
+    stands in the list as its MalformedJSON, so it fails that record and not the batch.
+    JSON: the items of the array; a body that does not parse raises MalformedJSON, one that is
+    not an array InvalidBatch.
+    """
+    if not ndjson:
+        items = parse_json(body)
+        if not isinstance(items, list):
+            raise InvalidBatch("a JSON batch must be an array of records")
+        return items
+    items: list[Any] = []
+    for line in body.split(b"\n"):
+        if line.strip():
+            try:
+                items.append(parse_json(line, "the line"))
+            except MalformedJSON as exc:
+                items.append(exc)
+    return items
 
 
 def _error(field: str | None, message: str) -> FieldError:
@@ -108,7 +136,7 @@ def _check_string(value: Any, *, min_len: int, max_len: int, control: re.Pattern
         return "must not be empty"
     if len(value) > max_len:
         return f"must be at most {max_len} characters (got {len(value)})"
-    if _SURROGATE_RE.search(value):
+    if not value.isascii() and _SURROGATE_RE.search(value):  # isascii() is cheap and rules them out
         return "must be valid Unicode (no lone surrogates)"
     if control is not None and control.search(value):
         return "must not contain control characters"
@@ -124,6 +152,15 @@ def check_id(value: Any) -> str | None:
     if not _ID_RE.fullmatch(value):
         return f"must match {ID_PATTERN}"
     return None
+
+
+def check_test_type(value: Any) -> tuple[str | None, str | None]:
+    """(trimmed test_type, None) or (None, what is wrong with it)."""
+    trimmed = value.strip() if isinstance(value, str) else value
+    problem = _check_string(trimmed, min_len=1, max_len=MAX_TEST_TYPE_CHARS, control=_CONTROL_RE)
+    if problem:
+        return None, problem + (" after trimming" if problem == "must not be empty" else "")
+    return trimmed, None
 
 
 def _check_result(value: Any) -> str | None:
@@ -148,41 +185,90 @@ def _check_optional_string(value: Any, max_len: int, control: re.Pattern | None)
 
 
 def parse_timestamp(value: Any, now: datetime) -> tuple[str | None, str | None]:
-    """Parse an RFC 3339 date-time with offset; return (normalised UTC string, None) or (None, problem).
+    """Parse a record's RFC 3339 date-time with offset; return (normalised UTC string, None) or (None, problem).
+
+    Beyond the syntax, a record's time must be from 1900 on and not more than 5 minutes ahead.
+    """
+    utc, normalised, problem = _parse_instant(value)
+    if problem:
+        return None, problem
+    if utc < EARLIEST_COLLECTED:
+        return None, "must not be before 1900-01-01T00:00:00Z"
+    if utc > now + MAX_FUTURE:
+        return None, "must not be more than 5 minutes in the future"
+    return normalised, None
+
+
+@lru_cache(maxsize=None)  # at most 2 * 24 * 60 offsets exist
+def _zone(sign: str, hours: str, minutes: str) -> timezone:
+    return timezone(timedelta(hours=int(hours), minutes=int(minutes)) * (1 if sign == "+" else -1))
+
+
+def _parse_instant(value: Any) -> tuple[datetime | None, str | None, str | None]:
+    """(UTC datetime, normalised UTC string, None) for an RFC 3339 date-time with offset, else (None, None, problem).
 
     Fractional seconds are kept digit for digit: offsets are whole minutes, so moving to UTC
     never touches them.
     """
     if not isinstance(value, str):
-        return None, "must be a string"
+        return None, None, "must be a string"
     match = _RFC3339_RE.fullmatch(value)
     if not match:
-        return None, "must be an RFC 3339 date-time with an offset, e.g. 2024-05-01T10:00:00Z or 2024-05-01T10:00:00+05:30"
+        return None, None, ("must be an RFC 3339 date-time with an offset, e.g. 2024-05-01T10:00:00Z"
+                            " or 2024-05-01T10:00:00+05:30")
     year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
     if zulu:
-        offset = timedelta(0)
+        zone = timezone.utc
     else:
         if int(off_h) > 23 or int(off_m) > 59:
-            return None, "has an impossible offset"
-        offset = timedelta(hours=int(off_h), minutes=int(off_m)) * (1 if sign == "+" else -1)
+            return None, None, "has an impossible offset"
+        zone = _zone(sign, off_h, off_m)
     try:
-        local = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second),
-                         tzinfo=timezone(offset))
-        utc = local.astimezone(timezone.utc)
+        local = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=zone)
+        utc = local if zulu else local.astimezone(timezone.utc)
     except (ValueError, OverflowError):
-        return None, "is not a real date and time"
-    if utc < EARLIEST_COLLECTED:
-        return None, "must not be before 1900-01-01T00:00:00Z"
-    if utc > now + MAX_FUTURE:
-        return None, "must not be more than 5 minutes in the future"
-    normalised = utc.strftime("%Y-%m-%dT%H:%M:%S") + (f".{fraction}" if fraction else "") + "Z"
-    return normalised, None
+        return None, None, "is not a real date and time"
+    # isoformat, unlike strftime's %Y, pads years before 1000 (a filter may name one) and is faster.
+    normalised = utc.isoformat()[:19] + (f".{fraction}" if fraction else "") + "Z"
+    return utc, normalised, None
 
 
 def timestamp_sort_key(normalised: str) -> str:
     """A fixed-width form of a normalised UTC timestamp, so text order is time order."""
     base, _, rest = normalised.rstrip("Z").partition(".")
     return f"{base}.{rest.ljust(9, '0')}Z"
+
+
+def timestamp_from_sort_key(key: str) -> str:
+    """The normalised UTC form of a sort key, fractional seconds without trailing zeros."""
+    base, _, fraction = key.rstrip("Z").partition(".")
+    fraction = fraction.rstrip("0")
+    return f"{base}.{fraction}Z" if fraction else f"{base}Z"
+
+
+def _check_unit(value: Any) -> str | None:
+    return _check_optional_string(value, MAX_UNIT_CHARS, _CONTROL_RE)
+
+
+def _check_notes(value: Any) -> str | None:
+    return _check_optional_string(value, MAX_NOTES_CHARS, None)
+
+
+def _check_status(value: Any) -> str | None:
+    return None if value in CLIENT_STATUSES else f"must be one of {', '.join(CLIENT_STATUSES)}"
+
+
+# Built once: validate_record runs for every record of a 10,000-record batch.
+_FIELD_CHECKS = {
+    "test_id": check_id,
+    "clinic_id": check_id,
+    "patient_id": check_id,
+    "result": _check_result,
+    "unit": _check_unit,
+    "notes": _check_notes,
+    "status": _check_status,
+}
+_CLIENT_FIELD_SET = frozenset(CLIENT_FIELDS)
 
 
 def validate_record(doc: Any, now: datetime) -> tuple[dict | None, list[FieldError]]:
@@ -195,27 +281,18 @@ def validate_record(doc: Any, now: datetime) -> tuple[dict | None, list[FieldErr
         return None, [_error(None, "the record must be a JSON object")]
 
     errors: list[FieldError] = []
-    duplicates = set(getattr(doc, "duplicate_keys", ()))
+    duplicates = frozenset(getattr(doc, "duplicate_keys", ()))
     for key in sorted(duplicates):
         errors.append(_error(key, "appears more than once in the object"))
     for key in doc:
-        if key not in CLIENT_FIELDS:
+        if key not in _CLIENT_FIELD_SET:
             errors.append(_error(key, "is not a known field"))
     for key in REQUIRED_FIELDS:
         if key not in doc and key not in duplicates:
             errors.append(_error(key, "is required"))
 
     record = {name: doc.get(name, default) for name, default in OPTIONAL_DEFAULTS.items()}
-    checks = {
-        "test_id": check_id,
-        "clinic_id": check_id,
-        "patient_id": check_id,
-        "result": _check_result,
-        "unit": lambda v: _check_optional_string(v, MAX_UNIT_CHARS, _CONTROL_RE),
-        "notes": lambda v: _check_optional_string(v, MAX_NOTES_CHARS, None),
-        "status": lambda v: None if v in CLIENT_STATUSES else f"must be one of {', '.join(CLIENT_STATUSES)}",
-    }
-    for name, check in checks.items():
+    for name, check in _FIELD_CHECKS.items():
         if name in doc and name not in duplicates:
             problem = check(doc[name])
             if problem:
@@ -224,11 +301,9 @@ def validate_record(doc: Any, now: datetime) -> tuple[dict | None, list[FieldErr
                 record[name] = doc[name]
 
     if "test_type" in doc and "test_type" not in duplicates:
-        value = doc["test_type"]
-        trimmed = value.strip() if isinstance(value, str) else value
-        problem = _check_string(trimmed, min_len=1, max_len=MAX_TEST_TYPE_CHARS, control=_CONTROL_RE)
+        trimmed, problem = check_test_type(doc["test_type"])
         if problem:
-            errors.append(_error("test_type", problem + (" after trimming" if problem == "must not be empty" else "")))
+            errors.append(_error("test_type", problem))
         else:
             record["test_type"] = trimmed
 
@@ -264,3 +339,68 @@ def validate_correction(doc: Any, stored: dict, now: datetime) -> tuple[dict | N
     if errors:
         return None, errors
     return record, []
+
+
+# -- collection queries: GET /tests, /tests/_export -------------------------------------------
+
+FILTER_STATUSES = (*CLIENT_STATUSES, "entered-in-error")  # a voided record can be listed, never sent
+FILTERS = ("patient_id", "test_type", "status", "collected_from", "collected_to")
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+_DIGITS_RE = re.compile(r"[0-9]{1,7}", re.ASCII)
+
+
+def _check_filter(name: str, value: str) -> tuple[str | None, str | None]:
+    """(clean value, None) or (None, problem) for one query filter, following the record's rules.
+
+    Times may lie anywhere (a range reaching into the future is a fair question); they come back
+    normalised to UTC, the form the links and cursors carry.
+    """
+    if name in ("clinic_id", "patient_id"):
+        problem = check_id(value)
+        return (None, problem) if problem else (value, None)
+    if name == "test_type":
+        return check_test_type(value)
+    if name == "status":
+        return (value, None) if value in FILTER_STATUSES else (None, f"must be one of {', '.join(FILTER_STATUSES)}")
+    _, normalised, problem = _parse_instant(value)
+    return normalised, problem
+
+
+def validate_filters(params: dict[str, str]) -> tuple[dict[str, str], list[FieldError]]:
+    """clinic_id and the optional filters of a collection query (single string values).
+
+    Returns ({"clinic_id": ..., <filter>: clean value, ...}, []) or ({}, every failing parameter).
+    """
+    filters: dict[str, str] = {}
+    errors: list[FieldError] = []
+    for name in ("clinic_id", *FILTERS):
+        if name not in params:
+            continue
+        value, problem = _check_filter(name, params[name])
+        if problem:
+            errors.append(_error(name, problem))
+        else:
+            filters[name] = value
+    return ({}, errors) if errors else (filters, [])
+
+
+def validate_limit(raw: str | None) -> tuple[int | None, str | None]:
+    """The page size: absent means DEFAULT_LIMIT; otherwise a whole number from 1 to MAX_LIMIT."""
+    if raw is None:
+        return DEFAULT_LIMIT, None
+    if not _DIGITS_RE.fullmatch(raw) or not 1 <= int(raw) <= MAX_LIMIT:
+        return None, f"must be a whole number from 1 to {MAX_LIMIT}"
+    return int(raw), None
+
+
+def validate_list_query(params: dict[str, str]) -> tuple[dict | None, list[FieldError]]:
+    """A GET /tests query: ({"filters": {...}, "limit": n}, []) or (None, every failing parameter).
+
+    The cursor is checked elsewhere: only the store knows the key that signs it.
+    """
+    filters, errors = validate_filters(params)
+    limit, problem = validate_limit(params.get("limit"))
+    if problem:
+        errors.append(_error("limit", problem))
+    return (None, errors) if errors else ({"filters": filters, "limit": limit}, [])

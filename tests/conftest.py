@@ -55,6 +55,7 @@ def start_server(tmp_path):
         servers.append(server)
         return server.start()
 
+    start.servers = servers
     yield start
     for server in servers:
         server.kill()

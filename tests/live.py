@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -95,6 +96,17 @@ class Server:
 
     def request(self, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 30) -> Response:
         return request(self.port, method, path, body, headers, timeout)
+
+    def walk(self, path: str) -> list[dict]:
+        """Every record of a GET /tests query, page after page along the `Link: rel="next"` headers."""
+        records = []
+        while path:
+            resp = self.request("GET", path)
+            assert resp.status == 200, resp.body
+            records += resp.json()
+            match = re.fullmatch(r'<([^>]*)>; rel="next"', resp.headers.get("link", ""))
+            path = match.group(1) if match else None
+        return records
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -22,7 +22,7 @@ def make(test_id: str, clinic_id: str = "C001") -> dict:
 def counters(path) -> tuple[dict, dict]:
     conn = sqlite3.connect(path)
     try:
-        return (dict(conn.execute("SELECT clinic_id, total FROM clinic_counts")),
+        return (dict(conn.execute("SELECT clinic_id, sum(records) FROM clinic_counts GROUP BY clinic_id")),
                 dict(conn.execute("SELECT hour, total FROM hourly_ingest")))
     finally:
         conn.close()
@@ -87,7 +87,7 @@ def test_check_passes_a_sound_database(db, tmp_path):
 
 def test_check_fails_counters_that_disagree_with_the_records(db, tmp_path):
     conn = sqlite3.connect(db, isolation_level=None)
-    conn.execute("UPDATE clinic_counts SET total = 7 WHERE clinic_id = 'C002'")
+    conn.execute("UPDATE clinic_counts SET records = 7 WHERE clinic_id = 'C002'")
     conn.close()
     out = cli("check", db_path=db, cwd=tmp_path)
     assert out.returncode == 1

@@ -1,0 +1,319 @@
+"""Pieces the benchmarks share: wrk, gunicorn servers on free loopback ports, py-spy summaries,
+and the run skeleton that stops every server it started, on errors, Ctrl-C and SIGTERM too."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import platform
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+VENV_BIN = Path(sys.executable).parent
+GUNICORN = str(VENV_BIN / "gunicorn") if (VENV_BIN / "gunicorn").exists() else "gunicorn"
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+# -- environment -----------------------------------------------------------------------------
+
+def ensure_wrk() -> str:
+    path = shutil.which("wrk")
+    if path:
+        return path
+    log("wrk not found: installing Debian's package (apt-get install -y wrk)")
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    quiet = {"stdout": subprocess.DEVNULL}
+    if subprocess.run(sudo + ["apt-get", "install", "-y", "wrk"], **quiet).returncode != 0:
+        subprocess.run(sudo + ["apt-get", "update"], **quiet, check=True)
+        subprocess.run(sudo + ["apt-get", "install", "-y", "wrk"], **quiet, check=True)
+    path = shutil.which("wrk")
+    if not path:
+        raise BenchError("wrk is still missing after apt-get install -y wrk")
+    return path
+
+
+def gunicorn_config(env: dict) -> dict[str, str]:
+    """gunicorn's fully resolved settings for `-c gunicorn.conf.py` (via --print-config)."""
+    out = subprocess.run([GUNICORN, "-c", "gunicorn.conf.py", "--print-config"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise BenchError(f"gunicorn --print-config failed:\n{out.stdout}{out.stderr}")
+    settings = {}
+    for line in out.stdout.splitlines():
+        name, sep, value = line.partition("=")
+        if sep:
+            settings[name.strip()] = value.strip()
+    return settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loadavg() -> float:
+    return os.getloadavg()[0]
+
+
+def fs_type(path: Path) -> str:
+    out = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True)
+    return out.stdout.strip() or "?"
+
+
+# -- servers ---------------------------------------------------------------------------------
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    env: dict
+    log_path: Path
+    port: int
+    proc: subprocess.Popen | None = None
+    _log_file: object = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, ready_timeout: float = 60.0) -> None:
+        self._log_file = open(self.log_path, "ab")
+        # Own session: a Ctrl-C in the terminal reaches us, and we stop gunicorn in order.
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
+                                     stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + ready_timeout
+        last_error = "no answer yet"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.name} exited with status {self.proc.returncode} before answering\n"
+                                 f"{self.output_tail()}")
+            try:
+                status, _ = self.request("GET", "/health", timeout=2)
+                if status == 200:
+                    return
+                last_error = f"GET /health answered {status}"
+            except OSError as exc:
+                last_error = str(exc)
+            time.sleep(0.2)
+        raise BenchError(f"{self.name} did not answer on {self.url} within {ready_timeout:.0f}s "
+                         f"({last_error})\n{self.output_tail()}")
+
+    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 10) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            headers = {"Content-Type": "application/json"} if body is not None else {}
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def worker_pids(self) -> list[int]:
+        if not self.proc:
+            return []
+        try:
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        except OSError:
+            return []
+        return [int(c) for c in children]
+
+    def output_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no server output)"
+        return f"--- last {min(lines, len(text))} lines of {self.log_path} ---\n" + "\n".join(text[-lines:])
+
+    def stop(self, timeout: float = 40.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # gunicorn master: graceful stop of its workers
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name}: still running {timeout:.0f}s after SIGTERM; SIGKILL to its process group")
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        # Workers are children of the master, in its process group; none should be left.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self._log_file:
+            self._log_file.close()
+        self.proc = None
+
+
+def gunicorn_argv(port: int, workers: int, app: str | None) -> list[str]:
+    # Both apps: the same config file, so every gunicorn setting is the same; only the app differs.
+    argv = [GUNICORN, "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{port}", "-w", str(workers), "--no-control-socket"]
+    if app:
+        argv += ["--pythonpath", str(BENCH_DIR), app]
+    return argv
+
+
+# -- load ------------------------------------------------------------------------------------
+
+def run_wrk(wrk: str, script: Path, url: str, *, threads: int, connections: int, duration: float, timeout: int,
+            script_args: Iterable[str] = ()) -> tuple[dict, str]:
+    """One wrk run with a script of ours; its BENCH_RESULT line (see common.lua), and wrk's output.
+
+    The script's first argument is a fresh 8-hex-digit nonce, so ids it makes never repeat across runs.
+    """
+    cmd = [wrk, "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", f"{timeout}s",
+           "--latency", "-s", str(script), url, "--", secrets.token_hex(4), *script_args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    match = re.search(r"^BENCH_RESULT (\{.*\})$", out.stdout, re.M)
+    if out.returncode != 0 or not match:
+        raise BenchError(f"wrk failed ({out.returncode}): {shlex.join(cmd)}\n{out.stdout}{out.stderr}")
+    result = json.loads(match.group(1))
+    result["socket_errors"] = sum(result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts"))
+    return result, out.stdout
+
+
+def describe_machine(wrk: str, settings: dict[str, str], workers: int) -> None:
+    """Log what the figures were measured on: CPUs, load, versions, the gunicorn settings both apps share."""
+    import falcon
+    import gunicorn
+    wrk_version = subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout.splitlines()[:1]
+    log(f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+        f"Python {platform.python_version()}, falcon {falcon.__version__}, gunicorn {gunicorn.__version__}, "
+        f"{' '.join(wrk_version)[:40]}")
+    log(f"gunicorn (both apps, -c gunicorn.conf.py): worker_class={settings.get('worker_class')} "
+        f"workers={workers} timeout={settings.get('timeout')} graceful_timeout={settings.get('graceful_timeout')} "
+        f"keepalive={settings.get('keepalive')} backlog={settings.get('backlog')}")
+
+
+def run_guarded(servers: list[Server], work: Callable[[], int]) -> int:
+    """Run a benchmark's `work`: a BenchError is reported (exit 2), Ctrl-C exits 130, and every
+    server in `servers` (filled as `work` starts them) is stopped at the end, SIGTERM included."""
+
+    def on_sigterm(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return work()
+    except BenchError as exc:
+        log(f"\nbenchmark failed: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        log("\ninterrupted")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the clean-up even if told twice
+        for server in reversed(servers):
+            try:
+                server.stop()
+            except Exception as exc:  # keep stopping the others
+                log(f"could not stop {server.name}: {exc}")
+
+
+# -- profile -----------------------------------------------------------------------------------
+
+def py_spy(server: Server, seconds: int, raw: Path) -> subprocess.Popen:
+    """Start py-spy sampling all of `server`'s workers for `seconds` into `raw` (collapsed stacks)."""
+    binary = shutil.which("py-spy", path=str(VENV_BIN)) or shutil.which("py-spy")
+    if not binary:
+        raise BenchError("py-spy is not installed: .venv/bin/pip install py-spy")
+    spy = subprocess.Popen([binary, "record", "--pid", str(server.proc.pid), "--subprocesses", "--nolineno",
+                            "--format", "raw", "--rate", "250", "--duration", str(seconds), "--output", str(raw)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1)  # let py-spy attach before the load starts
+    return spy
+
+
+def py_spy_done(spy: subprocess.Popen, raw: Path, timeout: float) -> None:
+    _, err = spy.communicate(timeout=timeout)
+    if spy.returncode != 0 or not raw.exists():
+        raise BenchError(f"py-spy failed ({spy.returncode}): {err}")
+
+
+# Frames every worker stack starts with (gunicorn boot and the worker loop): not informative.
+_BOOT_FRAMES = re.compile(r"\((gunicorn/app/|gunicorn/arbiter\.py|gunicorn\)$)|^<module> |"
+                          r"^SyncWorker\.(run|run_for_one|accept) |^Worker\.init_process ")
+
+
+def _frame_file(frame: str) -> str:
+    return frame[frame.rfind("(") + 1:].rstrip(")")
+
+
+def _module_group(frame: str) -> str:
+    path = _frame_file(frame)
+    if path.startswith("records_service/"):
+        return path if path != "records_service/store.py" else "records_service/store.py (incl. sqlite3 C calls)"
+    for lib in ("falcon", "gunicorn"):
+        if f"{lib}/" in path:
+            return lib
+    top = path.split("/", 1)[0]
+    if "site-packages/" in path:
+        return path.split("site-packages/", 1)[1].split("/", 1)[0]
+    return f"stdlib {top.removesuffix('.py')}"
+
+
+def profile_summary(raw: Path, top: int = 20) -> str:
+    """Self time by module, then self and inclusive time per function, from py-spy's collapsed
+    stacks (idle excluded, so the shares are of the workers' CPU time)."""
+    inclusive: dict[str, int] = {}
+    self_time: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [_short(f) for f in stack.split(";") if not f.startswith("process ")]
+        if not frames:
+            continue
+        total += n
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + n
+        self_time[frames[-1]] = self_time.get(frames[-1], 0) + n
+    if not total:
+        return "  (no samples)"
+    groups: dict[str, int] = {}
+    for frame, n in self_time.items():
+        groups[_module_group(frame)] = groups.get(_module_group(frame), 0) + n
+    lines = [f"  {total} on-CPU samples over all workers; self time by module:"]
+    lines += [f"  {100 * n / total:5.1f}%  {g}" for g, n in sorted(groups.items(), key=lambda kv: -kv[1])[:12]]
+    by_self = sorted(self_time.items(), key=lambda kv: -kv[1])[:top]
+    by_incl = sorted(((f, n) for f, n in inclusive.items() if not _BOOT_FRAMES.search(f)),
+                     key=lambda kv: -kv[1])[:top]
+    lines.append(f"  {'self%':>6}  {'function (file)':58}| {'incl%':>6}  function (file)")
+    for i in range(top):
+        left = f"{100 * by_self[i][1] / total:6.1f}  {by_self[i][0][:58]:58}" if i < len(by_self) else " " * 66
+        right = f"{100 * by_incl[i][1] / total:6.1f}  {by_incl[i][0][:70]}" if i < len(by_incl) else ""
+        lines.append(f"  {left}| {right}")
+    return "\n".join(lines)
+
+
+def _short(frame: str) -> str:
+    """'func (/abs/path/site-packages/falcon/app.py)' -> 'func (falcon/app.py)'."""
+    for prefix in (str(ROOT) + "/", "site-packages/"):
+        i = frame.find(prefix)
+        if i != -1:
+            frame = frame[:frame.rfind("(", 0, i + 1) + 1] + frame[i + len(prefix):]
+    frame = re.sub(r"\(/[^()]*/lib/python3\.\d+/", "(", frame)
+    return frame

@@ -1,0 +1,157 @@
+"""Synthetic records for demos and benchmarks, made fast enough to fill a million-record database in seconds.
+
+The records look like a clinic network's: clinic sizes follow Zipf's law (weight 1/k^0.9, so
+with 500 clinics the largest holds about 11% of the records and the smallest about 0.04%),
+each clinic has its own patients (about eight tests each), plausible test types with their
+units and value ranges (a few with text results), mostly `final` statuses, occasional notes,
+and collection times spread over the year before the seed. Every record is what POST /tests
+would have stored for it; the rows are assembled from pre-encoded JSON pieces instead of
+`json.dumps` per record (a test checks they equal what `store._row` makes).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import secrets
+import sys
+import time
+from datetime import datetime, timedelta
+from itertools import accumulate
+from typing import Callable, Iterator, TextIO
+
+ZIPF_EXPONENT = 0.9
+TESTS_PER_PATIENT = 8
+CHUNK_ROWS = 10_000
+
+# (test_type, unit, low, high, decimals, weight): numeric results, uniform in [low, high].
+NUMERIC_TESTS = (
+    ("HbA1c", "%", 4.0, 12.0, 1, 8),
+    ("Glucose", "mmol/L", 3.5, 15.0, 1, 10),
+    ("LDL", "mmol/L", 1.0, 6.0, 2, 7),
+    ("HDL", "mmol/L", 0.6, 2.5, 2, 6),
+    ("TSH", "mIU/L", 0.1, 8.0, 2, 6),
+    ("Creatinine", "umol/L", 40, 160, 0, 8),
+    ("CRP", "mg/L", 0.1, 80.0, 1, 6),
+    ("Hemoglobin", "g/dL", 9.0, 18.0, 1, 10),
+    ("WBC", "10^9/L", 3.0, 15.0, 1, 8),
+    ("Potassium", "mmol/L", 3.0, 6.0, 1, 6),
+    ("Sodium", "mmol/L", 128, 150, 0, 6),
+    ("ALT", "U/L", 5, 120, 0, 5),
+    ("Vitamin D", "nmol/L", 20, 150, 0, 4),
+    ("Ferritin", "ug/L", 10, 400, 0, 3),
+)
+# (test_type, results, weight): text results, no unit.
+TEXT_TESTS = (
+    ("SARS-CoV-2 PCR", ("not detected", "not detected", "not detected", "detected"), 3),
+    ("Urine culture", ("no growth", "mixed growth", "E. coli > 10^5 CFU/mL"), 2),
+    ("Blood group", ("O+", "A+", "B+", "AB+", "O-", "A-"), 1),
+)
+STATUSES = (("final", 90), ("preliminary", 5), ("corrected", 3), ("cancelled", 2))
+NOTES = ((None, 85), ("fasting sample", 6), ("repeat requested by GP", 4), ("haemolysed, redrawn", 3),
+         ("patient on anticoagulants", 2))
+
+
+def clinic_ids(clinics: int) -> list[str]:
+    width = max(4, len(str(clinics)))
+    return [f"C{n:0{width}d}" for n in range(1, clinics + 1)]
+
+
+def clinic_weights(clinics: int) -> list[float]:
+    return [k ** -ZIPF_EXPONENT for k in range(1, clinics + 1)]
+
+
+def _weighted(pairs, rng: random.Random, k: int) -> list:
+    values, weights = zip(*pairs)
+    return rng.choices(values, weights, k=k)
+
+
+def _middles(rng: random.Random, size: int = 4096) -> list[tuple[str, str, str]]:
+    """(test_type, status, the record's JSON from "test_type" to "status") for a pool of results."""
+    kinds = [(t, w) for *t, w in NUMERIC_TESTS] + [(t, w) for *t, w in TEXT_TESTS]
+    pool = []
+    for kind, status in zip(_weighted(kinds, rng, size), _weighted(STATUSES, rng, size)):
+        if len(kind) == 5:
+            test_type, unit, low, high, decimals = kind
+            result = round(rng.uniform(low, high), decimals) if decimals else rng.randint(low, high)
+        else:
+            (test_type, results), unit = kind, None
+            result = rng.choice(results)
+        text = (f'"test_type": {json.dumps(test_type)}, "result": {json.dumps(result)}, '
+                f'"unit": {json.dumps(unit)}, "status": {json.dumps(status)}')
+        pool.append((test_type, status, text))
+    return pool
+
+
+def seed_rows(records: int, clinics: int, now: datetime, *, rng_seed: int | None = None,
+              run: str | None = None) -> Iterator[tuple]:
+    """Yield `records` rows in the shape of store._row: test_id, clinic_id, patient_id, test_type,
+    status, collected_at sort key, created_at, updated_at, request_id, doc.
+
+    test_ids are `seed-<run>-<n>` with a fresh `run` each time, so seeding twice adds records.
+    """
+    rng = random.Random(rng_seed)
+    run = run or secrets.token_hex(3)
+    request_id = f"seed-{run}"
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    tail = f', "created_at": "{stamp}", "updated_at": "{stamp}", "version": 1, "request_id": "{request_id}"}}'
+    ids = clinic_ids(clinics)
+    weights = clinic_weights(clinics)
+    total_weight = sum(weights)
+    patients = [max(1, round(records * w / total_weight / TESTS_PER_PATIENT)) for w in weights]
+    middles = _middles(rng)
+    notes = [f", \"notes\": {json.dumps(note)}" for note in _weighted(NOTES, rng, 1000)]
+    # A year before `now`, to the second: a day part and a time-of-day part, pre-formatted.
+    start = (now - timedelta(days=365)).replace(microsecond=0)
+    days = [(start + timedelta(days=d)).strftime("%Y-%m-%d") for d in range(366)]
+    times = [f"T{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}" for s in range(86_400)]
+    first_second = start.hour * 3600 + start.minute * 60 + start.second
+    span = 365 * 86_400
+    clinic_numbers = range(clinics)
+    cumulative = list(accumulate(weights))
+    patient_prefixes = [f"P{clinic_id[1:]}-" for clinic_id in ids]
+    uniform = rng.random
+
+    n = 0
+    while n < records:
+        k = min(CHUNK_ROWS, records - n)
+        for clinic, (test_type, status, middle), note in zip(
+                rng.choices(clinic_numbers, cum_weights=cumulative, k=k),
+                rng.choices(middles, k=k), rng.choices(notes, k=k)):
+            n += 1
+            test_id = f"seed-{run}-{n:08d}"
+            clinic_id = ids[clinic]
+            patient_id = f"{patient_prefixes[clinic]}{int(uniform() * patients[clinic]):06d}"
+            second = first_second + int(uniform() * span)
+            collected = days[second // 86_400] + times[second % 86_400]
+            yield (test_id, clinic_id, patient_id, test_type, status, collected + ".000000000Z", stamp, stamp,
+                   request_id,
+                   f'{{"test_id": "{test_id}", "clinic_id": "{clinic_id}", "patient_id": "{patient_id}", {middle}, '
+                   f'"collected_at": "{collected}Z"{note}{tail}')
+
+
+class ProgressBar:
+    """A one-line progress bar redrawn in place on a terminal; silent anywhere else."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._total = total
+        self._stream = stream
+        self._clock = clock
+        self._started = clock()
+        self._shown = stream.isatty()
+
+    def update(self, done: int) -> None:
+        if not self._shown:
+            return
+        elapsed = max(self._clock() - self._started, 1e-9)
+        rate = done / elapsed
+        filled = int(30 * done / self._total)
+        eta = (self._total - done) / rate if rate else 0
+        self._stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {100 * done / self._total:5.1f}% "
+                           f"{done:,}/{self._total:,}  {rate:,.0f} records/s  eta {eta:4.0f}s ")
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self._shown:
+            self._stream.write("\n")
+            self._stream.flush()

@@ -1,0 +1,161 @@
+"""GET /tests/_export (NDJSON, every matching record) and GET /tests/_stats (a clinic at a glance)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import sqlite3
+from datetime import datetime, timezone
+
+import pytest
+
+from records_service import store as store_module
+from records_service.logs import JsonFormatter
+from records_service.seed import seed_rows
+from tests.test_api import assert_problem
+from tests.test_listing import ingest, make, varied  # noqa: F401  (fixture)
+
+
+def export(client, query):
+    return client.simulate_get("/tests/_export", query_string=query)
+
+
+def lines(resp) -> list[dict]:
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"] == "application/x-ndjson"
+    assert resp.text == "" or resp.text.endswith("\n")
+    return [json.loads(line) for line in resp.text.split("\n")[:-1]]
+
+
+def test_export_streams_every_record_in_ingest_order_one_per_line(varied):
+    listed = varied.simulate_get("/tests", params={"clinic_id": "C1"}).json
+    assert lines(export(varied, "clinic_id=C1")) == listed
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("clinic_id=C1&patient_id=P1", list("aceg")),
+    ("clinic_id=C1&test_type=CBC&status=final", list("afg")),
+    ("clinic_id=C1&collected_from=2025-02-01T00:00:00Z&collected_to=2025-03-10T00:00:00Z", list("cde")),
+    ("clinic_id=C2", ["other"]),
+])
+def test_export_takes_the_same_filters(varied, query, expected):
+    assert [r["test_id"] for r in lines(export(varied, query))] == expected
+
+
+def test_an_export_with_no_match_is_an_empty_body(client):
+    resp = export(client, "clinic_id=C9")
+    assert lines(resp) == [] and resp.text == ""
+
+
+def test_export_is_not_paged_and_goes_past_any_page_size(client):
+    ingest(client, [make(f"t{i:04d}") for i in range(2500)])  # more than one fetch chunk, more than a page
+    exported = lines(export(client, "clinic_id=C1"))
+    assert [r["test_id"] for r in exported] == [f"t{i:04d}" for i in range(2500)]
+
+
+@pytest.mark.parametrize("query, name", [
+    ("", "clinic_id"), ("clinic_id=C%201", "clinic_id"), ("clinic_id=C1&limit=10", "limit"),
+    ("clinic_id=C1&cursor=x", "cursor"), ("clinic_id=C1&status=FINAL", "status"),
+    ("clinic_id=C1&collected_to=yesterday", "collected_to"),
+])
+def test_export_rejects_what_it_does_not_take(client, query, name):
+    body = assert_problem(export(client, query), 400)
+    assert [e["field"] for e in body["errors"]] == [name]
+
+
+def test_export_logs_its_own_completion_under_the_request_id(varied):
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("records_service")
+    logger.addHandler(handler)
+    logger.setLevel("INFO")
+    try:
+        resp = varied.simulate_get("/tests/_export", params={"clinic_id": "C1"}, headers={"X-Request-ID": "exp-1"})
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel("NOTSET")
+    assert resp.status_code == 200
+    logged = [json.loads(line) for line in out.getvalue().splitlines()]
+    done = [line for line in logged if line["message"] == "export completed"]
+    assert len(done) == 1
+    assert done[0]["request_id"] == "exp-1" and done[0]["count"] == 8 and done[0]["duration_ms"] >= 0
+
+
+def test_stats_count_by_type_and_status_with_the_first_and_last_collection(varied):
+    resp = varied.simulate_get("/tests/_stats", params={"clinic_id": "C1"})
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
+    assert resp.json == {
+        "clinic_id": "C1", "total": 8,
+        "by_test_type": {"CBC": 4, "HbA1c": 2, "LDL": 2},
+        "by_status": {"cancelled": 1, "corrected": 1, "final": 4, "preliminary": 2},
+        "first_collected_at": "2025-01-01T00:00:00Z",
+        "last_collected_at": "2025-04-02T00:00:00Z",
+    }
+
+
+def test_stats_keep_fractional_seconds_of_the_extremes(client):
+    ingest(client, [make("x", collected_at="2025-01-01T00:00:00.250Z"), make("y", collected_at="2025-01-02T00:00:00.5Z")])
+    body = client.simulate_get("/tests/_stats", params={"clinic_id": "C1"}).json
+    assert (body["first_collected_at"], body["last_collected_at"]) == ("2025-01-01T00:00:00.25Z", "2025-01-02T00:00:00.5Z")
+
+
+def test_stats_of_a_clinic_without_records(client):
+    resp = client.simulate_get("/tests/_stats", params={"clinic_id": "C9"})
+    assert resp.json == {"clinic_id": "C9", "total": 0, "by_test_type": {}, "by_status": {},
+                         "first_collected_at": None, "last_collected_at": None}
+
+
+@pytest.mark.parametrize("query, name", [
+    ("", "clinic_id"), ("clinic_id=_x", "clinic_id"), ("clinic_id=C1&clinic_id=C2", "clinic_id"),
+    ("clinic_id=C1&status=final", "status"), ("clinic_id=C1&limit=5", "limit"),
+])
+def test_stats_take_a_valid_clinic_id_and_nothing_else(client, query, name):
+    body = assert_problem(client.simulate_get("/tests/_stats", query_string=query), 400)
+    assert [e["field"] for e in body["errors"]] == [name]
+
+
+@pytest.mark.parametrize("path", ["/tests/_export", "/tests/_stats", "/tests/_batch"])
+def test_the_collection_paths_answer_405_to_other_methods(client, path):
+    resp = client.simulate_request("DELETE", path)
+    assert_problem(resp, 405)
+    assert resp.headers["allow"]
+
+
+def _counts(conn) -> list[tuple]:
+    return conn.execute("SELECT * FROM clinic_counts ORDER BY 1, 2, 3").fetchall()
+
+
+def _recounted(conn) -> list[tuple]:
+    return conn.execute("SELECT clinic_id, test_type, status, count(*), min(collected_at), max(collected_at)"
+                        " FROM records GROUP BY 1, 2, 3 ORDER BY 1, 2, 3").fetchall()
+
+
+def test_the_counts_behind_stats_follow_every_insert_and_change(client, settings, record):
+    ingest(client, [make(f"b{i}", clinic_id=f"C{i % 3}", test_type=("CBC", "LDL")[i % 2],
+                         collected_at=f"2025-01-{i % 28 + 1:02d}T00:00:00Z") for i in range(60)])
+    assert client.simulate_post("/tests", json=record).status_code == 201
+    conn = sqlite3.connect(settings.db_path, isolation_level=None)
+    conn.execute("BEGIN")
+    store_module._insert_rows(conn, list(seed_rows(500, 4, datetime(2025, 6, 1, tzinfo=timezone.utc), rng_seed=9)))
+    conn.execute("COMMIT")
+    assert _counts(conn) == _recounted(conn) and len(_counts(conn)) > 20
+
+    # Changes in place, as corrections and voids make them (a new version; identity, seq and
+    # created_at kept: the database refuses anything else), at random: the counts, first and
+    # last times included, always equal a recount of the records.
+    rng = random.Random(7)
+    seqs = [row[0] for row in conn.execute("SELECT seq FROM records")]
+    for step in range(300):
+        seq = rng.choice(seqs)
+        change = rng.choice(["status", "test_type", "collected_at", "several"])
+        values = {"status": rng.choice(["final", "corrected", "entered-in-error"]),
+                  "test_type": rng.choice(["CBC", "LDL", "HbA1c"]),
+                  "collected_at": f"20{rng.randint(10, 30)}-01-01T00:00:00.000000000Z"}
+        columns = list(values) if change == "several" else [change]
+        conn.execute(f"UPDATE records SET version = version + 1, {', '.join(f'{c} = ?' for c in columns)} WHERE seq = ?",
+                     [values[c] for c in columns] + [seq])
+        assert _counts(conn) == _recounted(conn), f"after step {step}: {change}"
+    conn.close()

@@ -1,0 +1,130 @@
+"""`python -m records_service seed`: synthetic records that are exactly what the service would store."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pty
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from records_service import store as store_module
+from records_service.__main__ import main
+from records_service.seed import ProgressBar, clinic_ids, seed_rows
+from records_service.validate import client_fields, validate_record
+from tests.live import REPO
+
+NOW = datetime(2025, 6, 1, 12, 0, 0, 987654, tzinfo=timezone.utc)
+
+
+def test_every_seeded_row_is_what_store_row_makes_of_its_record():
+    for row in seed_rows(5_000, 7, NOW, rng_seed=3, run="abc123"):
+        stored = json.loads(row[-1])
+        record, errors = validate_record(client_fields(stored), NOW)
+        assert errors == [] and record == client_fields(stored)
+        # Same columns, same JSON text (key order, separators, number forms) as a POST would store.
+        assert store_module._row(record, stored["request_id"], stored["created_at"]) == row
+
+
+def test_seeded_records_look_like_a_clinic_network():
+    rows = list(seed_rows(50_000, 20, NOW, rng_seed=1))
+    docs = [json.loads(row[-1]) for row in rows]
+    assert len({d["test_id"] for d in docs}) == 50_000
+    per_clinic = Counter(d["clinic_id"] for d in docs)
+    assert set(per_clinic) == set(clinic_ids(20))
+    assert per_clinic["C0001"] > 3 * per_clinic["C0020"]  # big labs and small practices
+    statuses = Counter(d["status"] for d in docs)
+    assert set(statuses) == {"final", "preliminary", "corrected", "cancelled"}
+    assert statuses["final"] > 0.8 * len(docs)
+    assert len({d["test_type"] for d in docs}) >= 15
+    assert any(isinstance(d["result"], str) for d in docs) and any(isinstance(d["result"], float) for d in docs)
+    assert {d["unit"] for d in docs if d["test_type"] == "HbA1c"} == {"%"}
+    collected = sorted(d["collected_at"] for d in docs)
+    year_before = (NOW - timedelta(days=366)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert year_before <= collected[0] and collected[-1] <= NOW.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert collected[-1][:7] != collected[0][:7]  # spread over the year, not bunched
+    patients = Counter((d["clinic_id"], d["patient_id"]) for d in docs)
+    assert 4 <= len(docs) / len(patients) <= 12  # several tests per patient
+    assert {d["notes"] for d in docs} > {None}
+
+
+def test_the_seed_command_adds_records_through_migrations(tmp_path, monkeypatch, capsys):
+    db = tmp_path / "seed.db"
+    monkeypatch.setenv("RECORDS_DB_PATH", str(db))
+    monkeypatch.chdir(tmp_path)
+    assert main(["seed", "--records", "1200", "--clinics", "3"]) == 0
+    assert main(["seed", "--records", "300", "--clinics", "3"]) == 0  # a second run adds, never collides
+    out = capsys.readouterr().out
+    assert "seeded 1,200 records over 3 clinics" in out and "records/s" in out
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
+    assert conn.execute("SELECT count(*), count(DISTINCT clinic_id) FROM records").fetchone() == (1500, 3)
+
+
+@pytest.mark.parametrize("argv", [["seed"], ["seed", "--records", "0"], ["seed", "--records", "10", "--clinics", "-1"]])
+def test_bad_seed_arguments_stop_with_usage(argv):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_progress_bar_redraws_one_line_on_a_terminal():
+    ticks = iter([0.0, 1.0, 2.0])
+    out = Terminal()
+    bar = ProgressBar(1000, stream=out, clock=lambda: next(ticks))
+    bar.update(500)
+    bar.update(1000)
+    bar.close()
+    text = out.getvalue()
+    assert text.count("\r") == 2 and text.endswith("\n")
+    assert " 50.0% 500/1,000" in text and "500 records/s" in text
+    assert "100.0% 1,000/1,000" in text
+
+
+def test_the_progress_bar_is_silent_anywhere_else():
+    out = io.StringIO()
+    bar = ProgressBar(10, stream=out)
+    bar.update(10)
+    bar.close()
+    assert out.getvalue() == ""
+
+
+def _seed_process(tmp_path, stderr) -> subprocess.CompletedProcess | subprocess.Popen:
+    env = {**os.environ, "RECORDS_DB_PATH": str(tmp_path / "tty.db"), "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "records_service", "seed", "--records", "30000", "--clinics", "4"],
+                          cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=stderr, timeout=60)
+
+
+def test_the_command_shows_the_bar_on_a_terminal_and_not_in_a_pipe(tmp_path):
+    master, slave = pty.openpty()
+    try:
+        done = _seed_process(tmp_path, slave)
+        os.close(slave)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the pty is drained once its other side is closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+    assert done.returncode == 0
+    assert b"\r[" in shown and b"30,000/30,000" in shown
+
+    piped = _seed_process(tmp_path, subprocess.PIPE)
+    assert piped.returncode == 0 and b"\r[" not in piped.stderr
+    assert b"seeded 30,000 records" in piped.stdout
