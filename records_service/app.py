@@ -13,6 +13,7 @@ from . import errors, runtime
 from .collection import Batch, Export, Stats
 from .config import Settings, load_settings
 from .lifecycle import Audit, History, Record
+from .logs import skip_caller_lookup
 from .middleware import Authenticate, RequestContext
 from .operations import Dashboard, FailureRecorder, OpenAPIDocument, Ready
 from .resources import Health, TestsCollection
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
     the runtime state comes from the gunicorn master (see runtime.share) or is this app's own."""
     settings = settings or load_settings(os.environ)
     shared = shared or runtime.current()
+    skip_caller_lookup()
     store = Store(settings.db_path, synchronous=settings.synchronous, busy_timeout_ms=settings.busy_timeout_ms)
     try:
         store.open()

@@ -53,7 +53,7 @@ def test_a_version_1_database_is_migrated_at_start_and_keeps_every_record(tmp_pa
     assert conn.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
     assert len(conn.execute("SELECT value FROM meta WHERE key = 'cursor_secret'").fetchone()[0]) == 32
     found = indexes(settings.db_path)
-    assert "(clinic_id, seq, status, test_type, collected_at)" in found["records_by_clinic"]
+    assert "(clinic_id, seq, status, test_type, collected_at, doc)" in found["records_by_clinic"]
     assert "(clinic_id, patient_id, seq)" in found["records_by_patient"]
     # The stats' counts start from the records that were there.
     assert conn.execute("SELECT clinic_id, test_type, status, records FROM clinic_counts ORDER BY status").fetchall() == [
