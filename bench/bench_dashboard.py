@@ -9,46 +9,42 @@ One run on this machine:
      records_service.store._insert_row -- the one per-row insert every way of creating a record
      uses, so the counter triggers fire as in service -- in 20,000-row transactions. With --db,
      an existing file that already holds the records is reused (fill skipped);
-  2. starts our service on it (`gunicorn -c gunicorn.conf.py --no-control-socket`, 2 workers),
-     requests GET / --requests times one after another after a warm-up, and prints the median,
-     p90 and max of the server time (Server-Timing app;dur) and of the client's round trip;
+  2. starts our service on it (`gunicorn -c gunicorn.conf.py --no-control-socket`, 2 workers
+     whatever --workers says: the requests are sequential), requests GET / --requests times one
+     after another after a warm-up, and prints the median, p90 and max of the server time
+     (Server-Timing app;dur) and of the client's round trip;
   3. times, on the same file, the scans the counters replace (records per clinic by the clinic
      index, records per hour of created_at), median of --rounds;
   4. measures what the triggers cost writers, with and without them (same schema, triggers
      dropped), --rounds alternating pairs each: CPU time per row of 100,000-row fills in
      20,000-row transactions through the store (as a bulk import or seed would) and per
      single-record transaction (Store.insert, as POST /tests); then wrk POST /tests runs of
-     --duration seconds (bench/post_tests.lua, 2 threads, 16 connections) against two servers
-     started alike (wrk installed with apt-get when missing), with the workers' CPU time per
-     request read from /proc; prints medians and ratios.
+     --duration seconds (bench/post_tests.lua, --threads, --connections) against two servers
+     started alike (wrk installed with apt-get when missing), as common.measure runs them
+     (warm-up, alternating rounds, a wait for other processes to go quiet, the servers' CPU
+     time per request read from /proc); prints medians and ratios.
 Every gunicorn it started is stopped at the end (SIGTERM, then wait), on error and Ctrl-C too.
+For a quick run: --records 20000 --rounds 1 --duration 2 --warmup 1 --quiet-wait 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
-import os
 import random
-import shlex
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(ROOT))
-
-import records_gen  # noqa: E402  (bench/ is sys.path[0] when run as a script)
-from bench_core import BenchError, Server, ensure_wrk, free_port, gunicorn_argv, log, run_wrk  # noqa: E402
-
-from records_service.store import Store, _insert_row  # noqa: E402
-from records_service.validate import validate_record  # noqa: E402
+import records_gen
+from common import (BENCH_DIR, BenchError, Run, Server, clean_env, free_port, gunicorn_argv, load_arguments, log,
+                    measure, noisy_warning, parse_load_arguments, run_benchmark, server_settings, summarise)
+from records_service.store import Store, _insert_row  # common put the repository on sys.path
+from records_service.validate import validate_record
 
 CHUNK = 20_000
 HISTORY = timedelta(days=10)
@@ -127,7 +123,7 @@ def scan_costs(path: Path, rounds: int) -> dict[str, float]:
 def dashboard_times(db_path: Path, requests: int) -> tuple[list[float], list[float], int]:
     """(server ms from Server-Timing, client round-trip ms, page bytes) of GET / on real gunicorn."""
     port = free_port()
-    env = {**os.environ, "RECORDS_DB_PATH": str(db_path), "RECORDS_AUTH": "disabled", "RECORDS_LOG_LEVEL": "WARNING"}
+    env = {**clean_env(), "RECORDS_DB_PATH": str(db_path), "RECORDS_AUTH": "disabled", "RECORDS_LOG_LEVEL": "WARNING"}
     server = Server("records_service", gunicorn_argv(port, 2, None), env, db_path.with_suffix(".gunicorn.log"), port)
     server_ms, client_ms, size = [], [], 0
     try:
@@ -184,45 +180,24 @@ def store_costs(work_dir: Path, rounds: int) -> dict[tuple[str, bool], list[floa
     return results
 
 
-def post_costs(work_dir: Path, rounds: int, duration: float) -> dict[bool, list[dict]]:
-    """wrk POST /tests runs against two servers, on databases with and without the triggers, alternating."""
-    wrk = ensure_wrk()
-    workers = (os.cpu_count() or 1) * 2 + 1  # as gunicorn.conf.py
-    wrk_args = argparse.Namespace(threads=2, connections=16, timeout=10)
-    servers: dict[bool, Server] = {}
-    results: dict[bool, list[dict]] = {True: [], False: []}
-    try:
-        for triggers in (True, False):
-            path = new_database(work_dir / f"post-{triggers}.db", triggers)
-            port = free_port()
-            env = {**os.environ, "RECORDS_DB_PATH": str(path), "RECORDS_AUTH": "disabled"}
-            servers[triggers] = Server(f"triggers={triggers}", gunicorn_argv(port, workers, None), env,
-                                       path.with_suffix(".log"), port)
-            servers[triggers].start()
-            run_wrk(wrk, "POST", servers[triggers].url, wrk_args, 2)  # warm-up
-        for n in range(rounds):
-            for triggers in ((True, False) if n % 2 == 0 else (False, True)):
-                before = cpu_seconds(servers[triggers])
-                result, _ = run_wrk(wrk, "POST", servers[triggers].url, wrk_args, duration)
-                result["cpu_us_per_request"] = (cpu_seconds(servers[triggers]) - before) / result["requests"] * 1e6
-                results[triggers].append(result)
-    finally:
-        for server in servers.values():
-            server.stop()
-    return results
-
-
-def cpu_seconds(server: Server) -> float:
-    """User + system CPU time of the server's workers so far: unlike req/s, other load on the
-    machine does not change it much."""
-    ticks = 0
-    for pid in server.worker_pids():
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # a worker that just exited
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
-    return ticks / os.sysconf("SC_CLK_TCK")
+def post_costs(wrk: str, work_dir: Path, args: argparse.Namespace, servers: list[Server]) -> list[Run]:
+    """wrk POST /tests runs (common.measure) against two servers, on databases with and without
+    the triggers, alternating; `servers` collects them, for run_guarded to stop."""
+    compared = []
+    for triggers in (True, False):
+        path = new_database(work_dir / f"post-{triggers}.db", triggers)
+        port = free_port()
+        env = {**clean_env(), "RECORDS_DB_PATH": str(path), "RECORDS_AUTH": "disabled"}
+        server = Server(f"triggers={triggers}", gunicorn_argv(port, args.workers, None), env,
+                        path.with_suffix(".log"), port)
+        servers.append(server)
+        compared.append(server)
+        server.start()
+    runs: list[Run] = []
+    measure(wrk, "POST", BENCH_DIR / "post_tests.lua", compared, args, runs)
+    for server in compared:
+        server.stop()
+    return runs
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -230,68 +205,72 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=1_000_000)
-    parser.add_argument("--clinics", type=int, default=1000)
-    parser.add_argument("--requests", type=int, default=60)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=int, default=8, help="seconds of each wrk POST run")
-    parser.add_argument("--db", type=Path, help="database file to fill, or to reuse when it already holds the records")
-    args = parser.parse_args(argv)
-    log(f"command: {shlex.join([sys.executable, *sys.argv])}")
-    log(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = load_arguments(__doc__, "with/without triggers")
+    p.set_defaults(duration=8, timeout=10)
+    p.add_argument("--records", type=int, default=1_000_000, help="records GET / is timed at (fewer: a quick run)")
+    p.add_argument("--clinics", type=int, default=1000, help="clinics the records are spread over")
+    p.add_argument("--requests", type=int, default=60, help="GET / requests timed, after 10 of warm-up")
+    p.add_argument("--db", type=Path, help="database file to fill, or to reuse when it already holds the records")
+    return parse_load_arguments(p, argv)
 
-    with tempfile.TemporaryDirectory(prefix="bench-dashboard-") as tmp:
-        work_dir = Path(tmp)
-        db_path = args.db or work_dir / "records.db"
-        store = Store(str(db_path))
-        existing = store.count()
-        if existing >= args.records:
-            log(f"reusing {db_path} with {existing:,} records")
-        else:
-            if existing:
-                raise BenchError(f"{db_path} holds {existing:,} records, fewer than --records; use a new file")
-            log(f"filling {db_path} with {args.records:,} records over {args.clinics:,} clinics ...")
-            started = time.perf_counter()
-            fill(store, records(args.records, args.clinics, "seed-"), report_every=200_000)
-            elapsed = time.perf_counter() - started
-            log(f"filled in {elapsed:.1f} s ({args.records / elapsed:,.0f} records/s, counters kept by triggers)")
-        store.close()
-        size = sum(Path(f"{db_path}{s}").stat().st_size for s in ("", "-wal") if Path(f"{db_path}{s}").exists())
-        log(f"database and WAL: {size / 2**20:,.0f} MiB")
 
-        server_ms, client_ms, page_bytes = dashboard_times(db_path, args.requests)
-        log(f"\nGET / at {max(existing, args.records):,} records, {len(server_ms)} requests after 10 warm-up "
-            f"({page_bytes:,}-byte page):")
-        for name, values in (("server time (Server-Timing)", server_ms), ("client round trip", client_ms)):
-            log(f"  {name:28s} median {statistics.median(values):6.2f} ms   p90 {percentile(values, 0.9):6.2f} ms"
-                f"   max {max(values):6.2f} ms")
-        verdict = "PASS" if statistics.median(server_ms) < 50 else "MISS"
-        log(f"  target: median server time under 50 ms -> {verdict}")
+def run(args: argparse.Namespace, wrk: str, work_dir: Path, servers: list[Server]) -> int:
+    """Steps 1 to 4 of the docstring, in `work_dir`; the POST servers go into `servers`."""
+    server_settings(args, wrk, clean_env(), work_dir)
+    db_path = args.db or work_dir / "records.db"
+    store = Store(str(db_path))
+    existing = store.count()
+    if existing >= args.records:
+        log(f"reusing {db_path} with {existing:,} records")
+    else:
+        if existing:
+            raise BenchError(f"{db_path} holds {existing:,} records, fewer than --records; use a new file")
+        log(f"filling {db_path} with {args.records:,} records over {args.clinics:,} clinics ...")
+        started = time.perf_counter()
+        fill(store, records(args.records, args.clinics, "seed-"), report_every=200_000)
+        elapsed = time.perf_counter() - started
+        log(f"filled in {elapsed:.1f} s ({args.records / elapsed:,.0f} records/s, counters kept by triggers)")
+    store.close()
+    size = sum(Path(f"{db_path}{s}").stat().st_size for s in ("", "-wal") if Path(f"{db_path}{s}").exists())
+    log(f"database and WAL: {size / 2**20:,.0f} MiB")
 
-        log(f"\nwhat the counters replace, on the same file (median of {args.rounds}):")
-        for name, ms in scan_costs(db_path, args.rounds).items():
-            log(f"  {name:52s} {ms:8.1f} ms")
+    server_ms, client_ms, page_bytes = dashboard_times(db_path, args.requests)
+    log(f"\nGET / at {max(existing, args.records):,} records, {len(server_ms)} requests after 10 warm-up "
+        f"({page_bytes:,}-byte page):")
+    for name, values in (("server time (Server-Timing)", server_ms), ("client round trip", client_ms)):
+        log(f"  {name:28s} median {statistics.median(values):6.2f} ms   p90 {percentile(values, 0.9):6.2f} ms"
+            f"   max {max(values):6.2f} ms")
+    verdict = "PASS" if statistics.median(server_ms) < 50 else "MISS"
+    log(f"  target: median server time under 50 ms -> {verdict}")
 
-        log(f"\nwhat the triggers cost writers ({args.rounds} alternating rounds each, medians):")
-        costs = {k: statistics.median(v) for k, v in store_costs(work_dir, args.rounds).items()}
-        for kind, what in (("bulk", f"a row in {CHUNK:,}-row transactions"), ("single", "a single-record transaction")):
-            with_, without = costs[kind, True], costs[kind, False]
-            log(f"  store, CPU for {what:38s} with {with_:5.1f} us   without {without:5.1f} us   (+{with_ - without:.1f} us)")
-        posts = post_costs(work_dir, args.rounds, args.duration)
-        rps = {k: statistics.median(r["rps"] for r in v) for k, v in posts.items()}
-        cpu = {k: statistics.median(r["cpu_us_per_request"] for r in v) for k, v in posts.items()}
-        non2xx = sum(r["non2xx"] + r["socket_errors"] for v in posts.values() for r in v)
-        log(f"  HTTP, POST /tests (wrk -t2 -c16 -d{args.duration}s), non-2xx or errors: {non2xx}")
-        log(f"    worker CPU per request: with {cpu[True]:7.0f} us   without {cpu[False]:7.0f} us"
-            f"   ratio {cpu[True] / cpu[False]:.3f}")
-        log(f"    requests/s:             with {rps[True]:7,.0f}      without {rps[False]:7,.0f}"
-            f"      ratio {rps[True] / rps[False]:.2f}  (wall clock: moves with the machine's other load)")
-        for triggers, runs in posts.items():
-            rates = ", ".join(f"{run['rps']:,.0f} req/s {run['cpu_us_per_request']:.0f} us" for run in runs)
-            log(f"    triggers={triggers!s:5} runs: {rates}")
+    log(f"\nwhat the counters replace, on the same file (median of {args.rounds}):")
+    for name, ms in scan_costs(db_path, args.rounds).items():
+        log(f"  {name:52s} {ms:8.1f} ms")
+
+    log(f"\nwhat the triggers cost writers ({args.rounds} alternating rounds each, medians):")
+    costs = {k: statistics.median(v) for k, v in store_costs(work_dir, args.rounds).items()}
+    for kind, what in (("bulk", f"a row in {CHUNK:,}-row transactions"), ("single", "a single-record transaction")):
+        with_, without = costs[kind, True], costs[kind, False]
+        log(f"  store, CPU for {what:38s} with {with_:5.1f} us   without {without:5.1f} us   (+{with_ - without:.1f} us)")
+    log(f"  HTTP, POST /tests: warm-up {args.warmup}s each, then {args.rounds} rounds")
+    runs = post_costs(wrk, work_dir, args, servers)
+    on, off = (summarise(runs, "POST", f"triggers={t}", args.quiet_below) for t in (True, False))
+    log(f"  HTTP, POST /tests (wrk -t{args.threads} -c{args.connections} -d{args.duration}s), non-2xx or errors: "
+        f"{on['non2xx'] + on['socket_errors'] + off['non2xx'] + off['socket_errors']}")
+    log(f"    server CPU per request: with {on['cpu_us_per_req']:7.0f} us   without {off['cpu_us_per_req']:7.0f} us"
+        f"   ratio {on['cpu_us_per_req'] / off['cpu_us_per_req']:.3f}")
+    log(f"    requests/s:             with {on['rps']:7,.0f}      without {off['rps']:7,.0f}"
+        f"      ratio {on['rps'] / off['rps']:.2f}  (wall clock: moves with the machine's other load)")
+    warning = noisy_warning(runs, args.quiet_below)
+    if warning:
+        log("    " + warning)
     return 0
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    return run_benchmark(args, "bench-dashboard-", lambda wrk, tmp, servers: run(args, wrk, tmp, servers))
 
 
 if __name__ == "__main__":

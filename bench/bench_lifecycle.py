@@ -7,7 +7,7 @@ single-record read and a correction sustain.
 One run on this machine:
   1. installs wrk (`apt-get install -y wrk`) when it is missing;
   2. pre-fills a temporary database with 1,000 clinics x --per-clinic records through
-     Store.insert (bench_core.prefill), copies it with SQLite's backup API and, in the copy only,
+     Store.insert (common.prefill), copies it with SQLite's backup API and, in the copy only,
      drops the two triggers that write history (records_keep_created, records_keep_changed):
      "no-history" is the very same service on the same data, storing only the current version;
   3. starts the service on each database (`gunicorn -c gunicorn.conf.py`, INFO logs to a file,
@@ -19,27 +19,25 @@ One run on this machine:
      on the service with history;
   5. prints medians, and history/no-history ratios for POST and PUT.
 Before each measured run it waits for other processes to go quiet and records the CPU each run
-used, as bench_core.py does (--quiet-below, --quiet-wait); each run line shows it.
+used, as bench_core.py does (common.measure: --quiet-below, --quiet-wait); each run line shows it.
 Every gunicorn it started is stopped at the end (SIGTERM, then wait), on error and Ctrl-C too.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
-import shutil
-import signal
 import sqlite3
 import sys
-import tempfile
 from pathlib import Path
 
-import bench_core as core  # bench/ is sys.path[0] when run as a script
 import records_gen
+from common import (BENCH_DIR, Run, Server, clean_env, free_port, gunicorn_argv, load_arguments, log, measure,
+                    noisy_warning, parse_load_arguments, prefill, run_benchmark, server_settings, summarise)
 
-# Scenario name -> Lua script, next to bench_core's GET and POST of /tests.
-core.SCRIPTS.update({"PUT1": core.BENCH_DIR / "put_record.lua", "GET1": core.BENCH_DIR / "get_record.lua"})
+# Scenario name -> Lua script (POST: bench_core's; PUT1 and GET1: one record by id).
+SCRIPTS = {"POST": BENCH_DIR / "post_tests.lua", "PUT1": BENCH_DIR / "put_record.lua",
+           "GET1": BENCH_DIR / "get_record.lua"}
 HISTORY_TRIGGERS = ("records_keep_created", "records_keep_changed")
 
 
@@ -60,7 +58,7 @@ def write_identities(path: Path, clinics: int, per_clinic: int) -> None:
             out.write(f"{record['clinic_id']} {record['patient_id']}\n")
 
 
-def report(runs: list[core.Run], args: argparse.Namespace) -> str:
+def report(runs: list[Run], args: argparse.Namespace) -> str:
     header = (f"{'scenario':26}{'app':12}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}"
               f"{'sock err':>10}   per-round req/s")
     out = ["", f"== lifecycle: median of {args.rounds} rounds x {args.duration}s, {args.connections} connections, "
@@ -69,84 +67,74 @@ def report(runs: list[core.Run], args: argparse.Namespace) -> str:
     for scenario, apps in (("POST", ("history", "no-history")), ("PUT1", ("history", "no-history")),
                            ("GET1", ("history",))):
         for app in apps:
-            m = core.summarise(runs, scenario, app)
+            m = summarise(runs, scenario, app, args.quiet_below)
             out.append(f"{labels[scenario]:26}{app:12}{m['rps']:10.1f}{m['p50_ms']:10.2f}{m['p99_ms']:10.2f}"
                        f"{m['non2xx']:9d}{m['socket_errors']:10d}   {m['rps_all']}")
     out.append("")
     for scenario in ("POST", "PUT1"):
-        kept, bare = (core.summarise(runs, scenario, app) for app in ("history", "no-history"))
+        kept, bare = (summarise(runs, scenario, app, args.quiet_below) for app in ("history", "no-history"))
         ratio = kept["rps"] / bare["rps"]
         out.append(f"{labels[scenario]:26} history/no-history: req/s {ratio:.3f} ({100 * (ratio - 1):+.1f}%),"
                    f" p50 {kept['p50_ms'] / bare['p50_ms']:.2f}x, p99 {kept['p99_ms'] / bare['p99_ms']:.2f}x")
+    warning = noisy_warning(runs, args.quiet_below)
+    if warning:
+        out.append(warning)
     return "\n".join(out)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = core.load_arguments(__doc__, "history/no-history")
+    p = load_arguments(__doc__, "history/no-history")
     p.add_argument("--per-clinic", type=int, default=records_gen.RECORDS_PER_CLINIC,
                    help="pre-filled records per clinic (1,000 clinics); PUT needs enough for every run")
     p.add_argument("--tmpdir", default=None, help="where the temporary databases and server logs go")
-    return core.parse_load_arguments(p, argv)
+    return parse_load_arguments(p, argv)
+
+
+def run(args: argparse.Namespace, wrk: str, tmp: Path, servers: list[Server]) -> int:
+    """Steps 2 to 5 of the docstring, in `tmp`; every server it starts goes into `servers`."""
+    env = {**clean_env(), "RECORDS_AUTH": "disabled", "RECORDS_LOG_LEVEL": "INFO", "RECORDS_SYNCHRONOUS": "NORMAL"}
+    server_settings(args, wrk, env, tmp)
+    runs: list[Run] = []
+    total = records_gen.CLINICS * args.per_clinic
+    log(f"pre-filling {total:,} records via Store.insert ...")
+    log(f"  done in {prefill(tmp / 'history.db', records_gen.CLINICS, args.per_clinic):.1f}s")
+    without_history(tmp / "history.db", tmp / "no-history.db")
+    identities = tmp / "identities.txt"
+    write_identities(identities, records_gen.CLINICS, args.per_clinic)
+
+    for name in ("history", "no-history"):
+        port = free_port()
+        server = Server(name, gunicorn_argv(port, args.workers, None),
+                        {**env, "RECORDS_DB_PATH": str(tmp / f"{name}.db")}, tmp / f"{name}.log", port)
+        servers.append(server)
+        server.start()
+        log(f"{name}: {shlex.join(server.argv)}  (RECORDS_DB_PATH={tmp / f'{name}.db'})")
+
+    log(f"\nPOST /tests: warm-up {args.warmup}s each, then {args.rounds} rounds")
+    measure(wrk, "POST", SCRIPTS["POST"], servers, args, runs)
+
+    block = total // (args.rounds + 1)  # warm-up + rounds runs per server, each on its own records
+    next_first = {server.name: 1 for server in servers}
+
+    def put_args(server: Server) -> list[str]:
+        first = next_first[server.name]
+        next_first[server.name] += block
+        return [str(first), str(args.threads), str(identities)]
+
+    log(f"\nPUT /tests/{{id}}: {block:,} records per run; warm-up {args.warmup}s each, then {args.rounds} rounds")
+    measure(wrk, "PUT1", SCRIPTS["PUT1"], servers, args, runs, put_args)
+
+    log(f"\nGET /tests/{{id}} on history: warm-up {args.warmup}s, then {args.rounds} rounds")
+    measure(wrk, "GET1", SCRIPTS["GET1"], servers[:1], args, runs, lambda server: [str(total)],
+            all_servers=servers)
+
+    log(report(runs, args))
+    return 0
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    core.log("command: " + shlex.join([os.path.relpath(sys.executable, Path.cwd()), *sys.argv]))
-    wrk = core.ensure_wrk()
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("RECORDS_", "BENCH_"))}
-    tmp = Path(tempfile.mkdtemp(prefix="records-bench-lifecycle-", dir=args.tmpdir))
-    env = {**base_env, "RECORDS_AUTH": "disabled", "RECORDS_LOG_LEVEL": "INFO", "RECORDS_SYNCHRONOUS": "NORMAL"}
-    if args.workers is None:
-        args.workers = int(core.gunicorn_config(env)["workers"])
-    core.log(f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-             f"temp dir {tmp} ({core.fs_type(tmp)})")
-    servers: list[core.Server] = []
-    runs: list[core.Run] = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        total = records_gen.CLINICS * args.per_clinic
-        core.log(f"pre-filling {total:,} records via Store.insert ...")
-        core.log(f"  done in {core.prefill(tmp / 'history.db', records_gen.CLINICS, args.per_clinic):.1f}s")
-        without_history(tmp / "history.db", tmp / "no-history.db")
-        identities = tmp / "identities.txt"
-        write_identities(identities, records_gen.CLINICS, args.per_clinic)
-
-        for name in ("history", "no-history"):
-            port = core.free_port()
-            server = core.Server(name, core.gunicorn_argv(port, args.workers, None),
-                                 {**env, "RECORDS_DB_PATH": str(tmp / f"{name}.db")}, tmp / f"{name}.log", port)
-            servers.append(server)
-            server.start()
-            core.log(f"{name}: {shlex.join(server.argv)}  (RECORDS_DB_PATH={tmp / f'{name}.db'})")
-
-        core.log(f"\nPOST /tests: warm-up {args.warmup}s each, then {args.rounds} rounds")
-        core.measure(wrk, "POST", servers, args, runs)
-
-        block = total // (args.rounds + 1)  # warm-up + rounds runs per server, each on its own records
-        next_first = {server.name: 1 for server in servers}
-
-        def put_args(server: core.Server) -> list[str]:
-            first = next_first[server.name]
-            next_first[server.name] += block
-            return [str(first), str(args.threads), str(identities)]
-
-        core.log(f"\nPUT /tests/{{id}}: {block:,} records per run; warm-up {args.warmup}s each, then {args.rounds} rounds")
-        core.measure(wrk, "PUT1", servers, args, runs, put_args)
-
-        core.log(f"\nGET /tests/{{id}} on history: warm-up {args.warmup}s, then {args.rounds} rounds")
-        core.measure(wrk, "GET1", servers[:1], args, runs, lambda server: [str(total)], all_servers=servers)
-
-        core.log(report(runs, args))
-        return 0
-    except core.BenchError as exc:
-        core.log(f"\nbenchmark failed: {exc}")
-        return 2
-    except KeyboardInterrupt:
-        core.log("\ninterrupted")
-        return 130
-    finally:
-        core.stop_all(servers)
-        shutil.rmtree(tmp, ignore_errors=True)
+    return run_benchmark(args, "records-bench-lifecycle-", lambda wrk, tmp, servers: run(args, wrk, tmp, servers))
 
 
 if __name__ == "__main__":

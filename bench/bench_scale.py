@@ -18,8 +18,13 @@ One run:
   6. batch: POST /tests/_batch with 1,000-record NDJSON bodies, each for one random clinic (a lab
      pushing its results), then with every record for a random clinic (the worst case);
   7. each wrk scenario: a short warm-up of each app, then --rounds pairs alternating which app
-     goes first; prints medians, ratios and PASS/MISS against the issue's targets.
+     goes first (common.measure: before each measured run it waits, up to --quiet-wait s, for
+     other processes to go quiet, and each run line shows the CPU cores used by our servers,
+     by wrk and by everything else); prints medians, ratios and PASS/MISS against the issue's
+     targets.
 Every gunicorn it started is stopped at the end, on error and Ctrl-C too.
+A quick smoke run on a small database (its own --db: the default holds the million):
+--records 20000 --clinics 50 --db /tmp/records-bench-20k.db --duration 1 --warmup 1 --rounds 1 --quiet-wait 0
 """
 
 from __future__ import annotations
@@ -36,17 +41,15 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from common import (BENCH_DIR, ROOT, BenchError, Server, describe_machine, ensure_wrk, free_port, gunicorn_argv,
-                    gunicorn_config, loadavg, log, profile_summary, py_spy, py_spy_done, run_guarded, run_wrk)
-
-sys.path.insert(0, str(ROOT))
-from records_service import seed  # noqa: E402  (after the path: the package is not installed)
+from common import (BENCH_DIR, ROOT, BenchError, Run, Server, clean_env, free_port, gunicorn_argv, load_arguments,
+                    log, measure, noisy_warning, parse_load_arguments, profile_summary, py_spy, py_spy_done,
+                    run_benchmark, server_settings, summarise, wrk_once)
+from records_service import seed  # common put the repository on sys.path
 
 BARE_APP = "bare_scale_app:create_app()"
 PAGE_FILTERS = ("none", "patient_id", "test_type", "status", "collected")
@@ -100,33 +103,14 @@ def month_bounds(path: Path) -> list[str]:
 
 # -- load --------------------------------------------------------------------------------------
 
-def wrk_run(wrk: str, script: str, url: str, args, duration: int, script_args: list[str],
-            connections: int | None = None) -> dict:
-    return run_wrk(wrk, BENCH_DIR / script, url, threads=args.threads, connections=connections or args.connections,
-                   duration=duration, timeout=args.timeout, script_args=script_args)[0]
-
-
-def alternate(wrk, script, servers: list[Server], args, script_args, connections=None) -> dict[str, list[dict]]:
-    """Warm each server up, then --rounds rounds alternating which goes first; every run, by app."""
-    for server in servers:
-        wrk_run(wrk, script, server.url, args, args.warmup, script_args, connections)
-    runs: dict[str, list[dict]] = {server.name: [] for server in servers}
-    for rnd in range(args.rounds):
-        for server in servers if rnd % 2 == 0 else list(reversed(servers)):
-            before = loadavg()
-            result = wrk_run(wrk, script, server.url, args, args.duration, script_args, connections)
-            result["load_before"] = before
-            runs[server.name].append(result)
-            log(f"    {server.name:5} round {rnd + 1}: {result['rps']:9.1f} req/s  p50 {result['p50_ms']:7.2f} ms"
-                f"  p99 {result['p99_ms']:7.2f} ms  non-2xx {result['non2xx']}  socket errors {result['socket_errors']}"
-                f"  (load {before:.1f})")
-    return runs
-
-
-def median_of(runs: list[dict]) -> dict:
-    return {key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_ms", "p99_ms")} | {
-        "non2xx": sum(r["non2xx"] for r in runs), "socket_errors": sum(r["socket_errors"] for r in runs),
-        "rps_all": [round(r["rps"], 1) for r in runs]}
+def alternate(wrk: str, scenario: str, script: str, servers: list[Server], args, script_args: list[str],
+              connections: int | None = None) -> dict[str, dict]:
+    """common.measure of `script` on `servers` (bare, ours); the medians of each app's runs."""
+    runs: list[Run] = []
+    measure(wrk, scenario, BENCH_DIR / script, servers, args, runs, lambda server: script_args,
+            connections=connections)
+    args.all_runs += runs
+    return {server.name: summarise(runs, scenario, server.name, args.quiet_below) for server in servers}
 
 
 def get(server: Server, path: str, timeout: float = 60) -> tuple[int, bytes]:
@@ -176,9 +160,9 @@ def bench_pages(wrk, ours, bare_env, args, tmp, results, bounds) -> None:
             log(f"\n  pages, filter {name}: ours answers {size} bytes, {statistics.mean(counts):.1f} records (means)")
             bare = restart_bare(bare, free_port(), args, {**bare_env, "BENCH_GET_BODY_BYTES": str(size),
                                                           "BENCH_GET_RECORDS": str(records)}, tmp)
-            runs = alternate(wrk, "scale_pages.lua", [bare, ours], args, [str(args.clinics), name, ",".join(values[name])])
-            results[f"page {name}"] = {"bytes": size, "records": statistics.mean(counts),
-                                       **{app: median_of(r) for app, r in runs.items()}}
+            medians = alternate(wrk, f"page {name}", "scale_pages.lua", [bare, ours], args,
+                                [str(args.clinics), name, ",".join(values[name])])
+            results[f"page {name}"] = {"bytes": size, "records": statistics.mean(counts), **medians}
     finally:
         if bare is not None:
             bare.stop()
@@ -191,7 +175,7 @@ def bench_stats(wrk, ours, bare_env, args, tmp, results) -> None:
     log(f"\n  stats: ours answers {size} bytes (mean)")
     bare = restart_bare(None, free_port(), args, {**bare_env, "BENCH_STATS_BODY_BYTES": str(size)}, tmp)
     try:
-        runs = alternate(wrk, "scale_stats.lua", [bare, ours], args, [str(args.clinics)])
+        medians = alternate(wrk, "stats", "get_tests.lua", [bare, ours], args, [str(args.clinics), "/tests/_stats"])
     finally:
         bare.stop()
     largest = []
@@ -199,7 +183,7 @@ def bench_stats(wrk, ours, bare_env, args, tmp, results) -> None:
         started = time.perf_counter()
         get(ours, "/tests/_stats?clinic_id=C0001")
         largest.append((time.perf_counter() - started) * 1000)
-    results["stats"] = {"bytes": size, **{app: median_of(r) for app, r in runs.items()},
+    results["stats"] = {"bytes": size, **medians,
                         "largest_ms": {"p50": statistics.median(largest), "max": max(largest)}}
     log(f"    ours, largest clinic C0001 alone, 20 sequential: p50 {statistics.median(largest):.1f} ms,"
         f" max {max(largest):.1f} ms")
@@ -263,21 +247,21 @@ def bench_batch(wrk, ours, bare_env, args, tmp, results, db: Path, profile: bool
         bare = restart_bare(None, free_port(), args, {**bare_env, "BENCH_BATCH_BODY_BYTES": "49"}, tmp)
         try:
             log(f"\n  batch of 1,000 records, {mode}: bodies for {'one random clinic' if mode == 'clinic' else 'random clinics per record'}")
-            runs = alternate(wrk, "scale_batch.lua", [bare, ours], args, [str(args.clinics), mode, "1000"],
-                             connections=args.batch_connections)
+            medians = alternate(wrk, f"batch {mode}", "scale_batch.lua", [bare, ours], args,
+                                [str(args.clinics), mode, "1000"], connections=args.batch_connections)
         finally:
             bare.stop()
         stored = db_count(db) - before
-        requests = sum(r["requests"] for r in runs["ours"])
-        results[f"batch {mode}"] = {app: median_of(r) for app, r in runs.items()} | {"stored": stored}
+        requests = medians["ours"]["requests"]
+        results[f"batch {mode}"] = medians | {"stored": stored}
         log(f"    ours stored {stored:,} records in this scenario (warm-up included)")
         if stored < requests * 1000:
             raise BenchError(f"ours answered {requests} batches but stored only {stored:,} records")
         if profile and mode == "clinic":
             raw = tmp / "profile-batch.txt"
             spy = py_spy(ours, args.duration + 1, raw)
-            result = wrk_run(wrk, "scale_batch.lua", ours.url, args, args.duration, [str(args.clinics), mode, "1000"],
-                             args.batch_connections)
+            result = wrk_once(wrk, BENCH_DIR / "scale_batch.lua", ours.url, args, args.duration,
+                              [str(args.clinics), mode, "1000"], args.batch_connections)
             py_spy_done(spy, raw, timeout=args.duration + 60)
             log(f"\n[profile] batch ({mode}) on ours under py-spy (250 Hz): {result['rps'] * 1000:,.0f} records/s\n"
                 + profile_summary(raw, top=15))
@@ -334,72 +318,65 @@ def report(results: dict, args) -> str:
 # -- main --------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = load_arguments(__doc__, "bare/ours")
+    p.set_defaults(timeout=10)
     p.add_argument("--db", default="/tmp/records-bench-1m.db", help="the seeded database (built when missing)")
-    p.add_argument("--records", type=int, default=1_000_000)
-    p.add_argument("--clinics", type=int, default=500)
-    p.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run")
-    p.add_argument("--warmup", type=int, default=2, help="seconds of unrecorded load per app and scenario")
-    p.add_argument("--rounds", type=int, default=3, help="bare/ours pairs per scenario; medians are reported")
-    p.add_argument("--connections", type=int, default=16, help="wrk connections for pages and stats")
+    p.add_argument("--records", type=int, default=1_000_000, help="records in --db (a smaller one for a quick run)")
+    p.add_argument("--clinics", type=int, default=500, help="clinics the records are spread over")
     p.add_argument("--batch-connections", type=int, default=8, help="wrk connections for batch ingest")
-    p.add_argument("--threads", type=int, default=2, help="wrk threads")
-    p.add_argument("--timeout", type=int, default=10, help="wrk request timeout, seconds")
-    p.add_argument("--workers", type=int, default=None, help="gunicorn workers for both apps (default: the config's)")
     p.add_argument("--scenarios", default="pages,stats,export,batch")
     p.add_argument("--profile", action="store_true", help="profile ours under py-spy during one more batch run")
     p.add_argument("--tmpdir", default=None, help="where the working copy of the database and the logs go")
-    args = p.parse_args(argv)
+    args = parse_load_arguments(p, argv)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if set(args.scenarios) - {"pages", "stats", "export", "batch"}:
         p.error("--scenarios takes pages, stats, export, batch")
+    if args.batch_connections < 1 or args.records < 1 or not 1 <= args.clinics <= 9999:
+        p.error("--batch-connections and --records must be at least 1, --clinics 1 to 9999")
+    args.all_runs = []  # every measured wrk run, for the noise warning and the JSON
     return args
+
+
+def run(args: argparse.Namespace, wrk: str, tmp: Path, servers: list[Server]) -> int:
+    """Steps 1 to 7 of the docstring, in `tmp`; every server it starts goes into `servers`."""
+    source = Path(args.db)
+    ensure_database(source, args.records, args.clinics)
+    db = tmp / "records.db"
+    shutil.copyfile(source, db)
+    base_env = clean_env()
+    ours_env = {**base_env, "RECORDS_DB_PATH": str(db), "RECORDS_AUTH": "disabled", "RECORDS_LOG_LEVEL": "INFO"}
+    server_settings(args, wrk, ours_env, tmp)
+    log(f"working copy of the database: {db}")
+    port = free_port()
+    ours = Server("ours", gunicorn_argv(port, args.workers, None), ours_env, tmp / "ours.log", port)
+    servers.append(ours)
+    ours.start()
+
+    results: dict = {}
+    if "pages" in args.scenarios:
+        bench_pages(wrk, ours, base_env, args, tmp, results, month_bounds(db))
+    if "stats" in args.scenarios:
+        bench_stats(wrk, ours, base_env, args, tmp, results)
+    if "export" in args.scenarios:
+        bench_export(ours, base_env, args, tmp, results)
+    if "batch" in args.scenarios:
+        bench_batch(wrk, ours, base_env, args, tmp, results, db, args.profile)
+    log(report(results, args))
+    warning = noisy_warning(args.all_runs, args.quiet_below)
+    if warning:
+        log(warning)
+    out = BENCH_DIR / "results" / ("scale-" + datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": [sys.executable, *sys.argv], "results": results,
+                               "runs": [{"scenario": r.scenario, "app": r.app, "round": r.round, **r.result}
+                                        for r in args.all_runs]}, indent=1))
+    log(f"\nraw results: {out}")
+    return 0
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    log("command: " + shlex.join([os.path.relpath(sys.executable, Path.cwd()), *sys.argv]))
-    wrk = ensure_wrk()
-    tmp = Path(tempfile.mkdtemp(prefix="records-scale-", dir=args.tmpdir))
-    servers: list[Server] = []
-
-    def work() -> int:
-        source = Path(args.db)
-        ensure_database(source, args.records, args.clinics)
-        db = tmp / "records.db"
-        shutil.copyfile(source, db)
-        base_env = {k: v for k, v in os.environ.items() if not k.startswith(("RECORDS_", "BENCH_"))}
-        ours_env = {**base_env, "RECORDS_DB_PATH": str(db), "RECORDS_AUTH": "disabled", "RECORDS_LOG_LEVEL": "INFO"}
-        settings = gunicorn_config(ours_env)
-        args.workers = args.workers or int(settings["workers"])
-        describe_machine(wrk, settings, args.workers)
-        log(f"working copy of the database: {db}; server output in {tmp}/*.log")
-        port = free_port()
-        ours = Server("ours", gunicorn_argv(port, args.workers, None), ours_env, tmp / "ours.log", port)
-        servers.append(ours)
-        ours.start()
-
-        results: dict = {}
-        if "pages" in args.scenarios:
-            bench_pages(wrk, ours, base_env, args, tmp, results, month_bounds(db))
-        if "stats" in args.scenarios:
-            bench_stats(wrk, ours, base_env, args, tmp, results)
-        if "export" in args.scenarios:
-            bench_export(ours, base_env, args, tmp, results)
-        if "batch" in args.scenarios:
-            bench_batch(wrk, ours, base_env, args, tmp, results, db, args.profile)
-        log(report(results, args))
-        out = BENCH_DIR / "results" / ("scale-" + datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"command": [sys.executable, *sys.argv], "results": results}, indent=1))
-        log(f"\nraw results: {out}")
-        return 0
-
-    try:
-        return run_guarded(servers, work)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return run_benchmark(args, "records-scale-", lambda wrk, tmp, servers: run(args, wrk, tmp, servers))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,22 @@
--- Shared by post_tests.lua and get_tests.lua (loaded with dofile from the same directory):
--- thread numbering, and a done() that prints one machine-readable line for bench_core.py.
+-- Shared by every wrk script here (each loads it with dofile from the same directory): thread
+-- numbering (thread_no, for ids unique across threads), with_auth(), and a done() that prints
+-- one machine-readable line, which common.run_wrk parses. Every script takes a fresh 8-hex-digit
+-- nonce as its first argument (common.run_wrk passes it): ids made from it never repeat across runs.
 
--- BENCH_AUTHORIZATION (e.g. "Bearer rs_...") goes with every request when set: bench_core.py
--- (--auth-compare) sets it for all the servers it compares, so they receive the very same bytes.
+-- BENCH_AUTHORIZATION (e.g. "Bearer rs_...") goes with every request of every script when set:
+-- bench_core.py (--auth-compare) sets it for all the servers it compares, so they receive the
+-- very same bytes; a server with RECORDS_AUTH=disabled ignores the header.
 function with_auth(headers)
    local value = os.getenv("BENCH_AUTHORIZATION")
    if value and value ~= "" then
       headers["Authorization"] = value
    end
    return headers
+end
+
+-- Seeds math.random for this thread from the run's nonce: another choice in every thread and run.
+function seed_random(nonce)
+   math.randomseed(tonumber(nonce or "0", 16) + 7919 * (thread_no or 0))
 end
 
 local threads = {}

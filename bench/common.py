@@ -1,27 +1,45 @@
-"""Pieces the benchmarks share: wrk, gunicorn servers on free loopback ports, py-spy summaries,
-and the run skeleton that stops every server it started, on errors, Ctrl-C and SIGTERM too."""
+"""What every benchmark here shares, in one place: wrk (installed when missing, run with one of
+our Lua scripts, its BENCH_RESULT line parsed), gunicorn servers on free loopback ports, the
+pre-filled database, waiting for a shared machine to go quiet, CPU snapshots of every run,
+alternating rounds and their medians, the load options, py-spy summaries, and the run skeleton
+that stops every server it started, on errors, Ctrl-C and SIGTERM too.
+
+Scripts import it as `common` (bench/ is sys.path[0] when one of them runs); importing it also
+puts the repository on sys.path, so `records_service` imports without being installed.
+"""
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import os
 import platform
 import re
+import resource
 import secrets
 import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import records_gen  # noqa: E402  (bench/ is on sys.path: this file's own folder)
+
 VENV_BIN = Path(sys.executable).parent
 GUNICORN = str(VENV_BIN / "gunicorn") if (VENV_BIN / "gunicorn").exists() else "gunicorn"
 
@@ -32,6 +50,11 @@ class BenchError(RuntimeError):
 
 def log(msg: str = "") -> None:
     print(msg, flush=True)
+
+
+def log_command() -> None:
+    """The command line of this run, first in every benchmark's output."""
+    log("command: " + shlex.join([os.path.relpath(sys.executable, Path.cwd()), *sys.argv]))
 
 
 # -- environment -----------------------------------------------------------------------------
@@ -50,6 +73,12 @@ def ensure_wrk() -> str:
     if not path:
         raise BenchError("wrk is still missing after apt-get install -y wrk")
     return path
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without RECORDS_* and BENCH_*: what each server's own
+    settings are added to, so nothing from the caller's shell changes a server."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RECORDS_", "BENCH_"))}
 
 
 def gunicorn_config(env: dict) -> dict[str, str]:
@@ -72,13 +101,100 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def loadavg() -> float:
-    return os.getloadavg()[0]
-
-
 def fs_type(path: Path) -> str:
     out = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True)
     return out.stdout.strip() or "?"
+
+
+def describe_machine(wrk: str, settings: dict[str, str], workers: int) -> None:
+    """Log what the figures were measured on: CPUs, load, versions, the gunicorn settings every
+    server of the run shares."""
+    import falcon
+    import gunicorn
+    wrk_version = subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout.splitlines()[:1]
+    log(f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+        f"Python {platform.python_version()}, falcon {falcon.__version__}, gunicorn {gunicorn.__version__}, "
+        f"{' '.join(wrk_version)[:40]}")
+    log(f"gunicorn (every server, -c gunicorn.conf.py): worker_class={settings.get('worker_class')} "
+        f"workers={workers} timeout={settings.get('timeout')} graceful_timeout={settings.get('graceful_timeout')} "
+        f"keepalive={settings.get('keepalive')} backlog={settings.get('backlog')}")
+
+
+# -- CPU -------------------------------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class CpuSnapshot:
+    busy: int  # machine-wide jiffies, idle/iowait/steal excluded
+    steal: int
+    servers: int  # jiffies of every process in our gunicorn sessions (masters and workers)
+    servers_sys: int  # of which in the kernel
+    children: float  # seconds of reaped children of this process (wrk)
+    wall: float
+
+
+def cpu_snapshot(server_sids: set[int]) -> CpuSnapshot:
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    servers = servers_sys = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        rest = stat[stat.rfind(")") + 2:].split()
+        if int(rest[3]) in server_sids:  # session id: each gunicorn runs in a session of its own
+            servers += int(rest[11]) + int(rest[12])
+            servers_sys += int(rest[12])
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return CpuSnapshot(user + nice + system + irq + softirq, steal, servers, servers_sys, ru.ru_utime + ru.ru_stime,
+                       time.monotonic())
+
+
+def cpu_use(before: CpuSnapshot, after: CpuSnapshot) -> dict:
+    """Average cores used during a run: by our servers, by wrk, by everything else on the
+    machine (the noise of a shared machine), and stolen by the hypervisor."""
+    wall = after.wall - before.wall
+    servers = (after.servers - before.servers) / _TICK / wall  # the idle server's share is ~0
+    wrk = (after.children - before.children) / wall
+    busy = (after.busy - before.busy) / _TICK / wall
+    sys_share = (after.servers_sys - before.servers_sys) / max(1, after.servers - before.servers)
+    return {"cpu_servers": round(servers, 2), "cpu_servers_sys_share": round(sys_share, 2), "cpu_wrk": round(wrk, 2),
+            "cpu_other": round(max(0.0, busy - servers - wrk), 2),
+            "cpu_steal": round((after.steal - before.steal) / _TICK / wall, 2)}
+
+
+# -- pre-fill ----------------------------------------------------------------------------------
+
+def prefill(db_path: Path, clinics: int, per_clinic: int) -> float:
+    """Store clinics*per_clinic records (records_gen.prefill_records) through Store.insert, as the
+    service stores them; return the seconds it took."""
+    from records_service.store import Store
+    from records_service.validate import validate_record
+
+    started = time.perf_counter()
+    store = Store(str(db_path), synchronous="NORMAL")
+    store.open()
+    now = datetime.now(timezone.utc)
+    try:
+        for n, doc in enumerate(records_gen.prefill_records(clinics, per_clinic)):
+            record, errors = validate_record(doc, now)
+            if errors:
+                raise BenchError(f"generated record is invalid: {errors}")
+            if n % 1000 == 0:
+                now = datetime.now(timezone.utc)
+                stamp = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+            store.insert(record, request_id=str(uuid.uuid4()), now=stamp)
+        count = store.count()
+    finally:
+        store.close()
+    if count != clinics * per_clinic:
+        raise BenchError(f"pre-fill stored {count} records, expected {clinics * per_clinic}")
+    return time.perf_counter() - started
 
 
 # -- servers ---------------------------------------------------------------------------------
@@ -99,7 +215,8 @@ class Server:
 
     def start(self, ready_timeout: float = 60.0) -> None:
         self._log_file = open(self.log_path, "ab")
-        # Own session: a Ctrl-C in the terminal reaches us, and we stop gunicorn in order.
+        # Own session: a Ctrl-C in the terminal reaches us, and we stop gunicorn in order. The
+        # session id (the master's pid) is also how cpu_snapshot finds the server's processes.
         self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + ready_timeout
@@ -119,10 +236,11 @@ class Server:
         raise BenchError(f"{self.name} did not answer on {self.url} within {ready_timeout:.0f}s "
                          f"({last_error})\n{self.output_tail()}")
 
-    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 10) -> tuple[int, bytes]:
+    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 10,
+                headers: dict | None = None) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
-            headers = {"Content-Type": "application/json"} if body is not None else {}
+            headers = {**({"Content-Type": "application/json"} if body is not None else {}), **(headers or {})}
             conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
             return resp.status, resp.read()
@@ -166,44 +284,24 @@ class Server:
         self.proc = None
 
 
+def stop_all(servers: list[Server]) -> None:
+    """Stop every server, the last started first; finish even if told twice or one fails."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for server in reversed(servers):
+        try:
+            server.stop()
+        except Exception as exc:  # keep stopping the others
+            log(f"could not stop {server.name}: {exc}")
+
+
 def gunicorn_argv(port: int, workers: int, app: str | None) -> list[str]:
-    # Both apps: the same config file, so every gunicorn setting is the same; only the app differs.
+    # Every app: the same config file, so every gunicorn setting is the same; only the app differs.
+    # `app` None: gunicorn.conf.py's wsgi_app (our service); otherwise MODULE:CALLABLE, looked up
+    # in bench/ and the repository.
     argv = [GUNICORN, "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{port}", "-w", str(workers), "--no-control-socket"]
     if app:
         argv += ["--pythonpath", str(BENCH_DIR), app]
     return argv
-
-
-# -- load ------------------------------------------------------------------------------------
-
-def run_wrk(wrk: str, script: Path, url: str, *, threads: int, connections: int, duration: float, timeout: int,
-            script_args: Iterable[str] = ()) -> tuple[dict, str]:
-    """One wrk run with a script of ours; its BENCH_RESULT line (see common.lua), and wrk's output.
-
-    The script's first argument is a fresh 8-hex-digit nonce, so ids it makes never repeat across runs.
-    """
-    cmd = [wrk, "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", f"{timeout}s",
-           "--latency", "-s", str(script), url, "--", secrets.token_hex(4), *script_args]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
-    match = re.search(r"^BENCH_RESULT (\{.*\})$", out.stdout, re.M)
-    if out.returncode != 0 or not match:
-        raise BenchError(f"wrk failed ({out.returncode}): {shlex.join(cmd)}\n{out.stdout}{out.stderr}")
-    result = json.loads(match.group(1))
-    result["socket_errors"] = sum(result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts"))
-    return result, out.stdout
-
-
-def describe_machine(wrk: str, settings: dict[str, str], workers: int) -> None:
-    """Log what the figures were measured on: CPUs, load, versions, the gunicorn settings both apps share."""
-    import falcon
-    import gunicorn
-    wrk_version = subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout.splitlines()[:1]
-    log(f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-        f"Python {platform.python_version()}, falcon {falcon.__version__}, gunicorn {gunicorn.__version__}, "
-        f"{' '.join(wrk_version)[:40]}")
-    log(f"gunicorn (both apps, -c gunicorn.conf.py): worker_class={settings.get('worker_class')} "
-        f"workers={workers} timeout={settings.get('timeout')} graceful_timeout={settings.get('graceful_timeout')} "
-        f"keepalive={settings.get('keepalive')} backlog={settings.get('backlog')}")
 
 
 def run_guarded(servers: list[Server], work: Callable[[], int]) -> int:
@@ -223,24 +321,213 @@ def run_guarded(servers: list[Server], work: Callable[[], int]) -> int:
         log("\ninterrupted")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the clean-up even if told twice
-        for server in reversed(servers):
-            try:
-                server.stop()
-            except Exception as exc:  # keep stopping the others
-                log(f"could not stop {server.name}: {exc}")
+        stop_all(servers)
+
+
+def run_benchmark(args: argparse.Namespace, prefix: str, work: Callable[[str, Path, list[Server]], int],
+                  keep_tmp: bool = False) -> int:
+    """The frame of every benchmark's main(): log the command line, install wrk when missing,
+    make a temporary directory (in args.tmpdir when given), and run `work(wrk, tmp, servers)`
+    under run_guarded; `servers` is the list it stops at the end. The directory is removed
+    afterwards, unless `keep_tmp`."""
+    log_command()
+    wrk = ensure_wrk()
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=getattr(args, "tmpdir", None)))
+    servers: list[Server] = []
+    try:
+        return run_guarded(servers, lambda: work(wrk, tmp, servers))
+    finally:
+        if keep_tmp:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def server_settings(args: argparse.Namespace, wrk: str, env: dict, tmp: Path) -> dict[str, str]:
+    """gunicorn's settings for the servers' `env`; --workers (args.workers None) becomes the
+    config's count. Logs the machine, those settings and where `tmp` is."""
+    settings = gunicorn_config(env)
+    if args.workers is None:
+        args.workers = int(settings["workers"])
+    describe_machine(wrk, settings, args.workers)
+    log(f"temp dir: {tmp} ({fs_type(tmp)}); server output in {tmp}/*.log")
+    return settings
+
+
+# -- load ------------------------------------------------------------------------------------
+
+def run_wrk(wrk: str, script: Path, url: str, *, threads: int, connections: int, duration: float, timeout: int,
+            script_args: Iterable[str] = ()) -> tuple[dict, str]:
+    """One wrk run with a script of ours; its BENCH_RESULT line (see common.lua), and wrk's output.
+
+    The script's first argument is a fresh 8-hex-digit nonce, so ids it makes never repeat across
+    runs. wrk inherits this process's environment (BENCH_AUTHORIZATION: see common.lua).
+    """
+    cmd = [wrk, "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", f"{timeout}s",
+           "--latency", "-s", str(script), url, "--", secrets.token_hex(4), *script_args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    match = re.search(r"^BENCH_RESULT (\{.*\})$", out.stdout, re.M)
+    if out.returncode != 0 or not match:
+        raise BenchError(f"wrk failed ({out.returncode}): {shlex.join(cmd)}\n{out.stdout}{out.stderr}")
+    result = json.loads(match.group(1))
+    result["socket_errors"] = sum(result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts"))
+    return result, out.stdout
+
+
+def wrk_once(wrk: str, script: Path, url: str, args: argparse.Namespace, duration: float,
+             script_args: Sequence[str] = (), connections: int | None = None) -> dict:
+    """run_wrk with the load options (--threads, --connections, --timeout) of `args`."""
+    return run_wrk(wrk, script, url, threads=args.threads, connections=connections or args.connections,
+                   duration=duration, timeout=args.timeout, script_args=script_args)[0]
+
+
+@dataclass
+class Run:
+    scenario: str
+    app: str
+    round: int
+    result: dict
+    wrk_output: str = field(repr=False, default="")
+
+
+def fmt_run(run: Run) -> str:
+    r = run.result
+    errs = f" socket_errors={r['socket_errors']}" if r["socket_errors"] else ""
+    steal = f" steal {r['cpu_steal']:.2f}" if r["cpu_steal"] >= 0.05 else ""
+    return (f"  {run.scenario:4} {run.app:12} round {run.round}: {r['rps']:8.1f} req/s  p50 {r['p50_ms']:6.2f} ms"
+            f"  p99 {r['p99_ms']:6.2f} ms  non-2xx {r['non2xx']}{errs}  | server CPU {r['cpu_us_per_req']:5.0f} us/req;"
+            f" cores: servers {r['cpu_servers']:.2f} ({100 * r['cpu_servers_sys_share']:.0f}% sys)"
+            f" wrk {r['cpu_wrk']:.2f} other {r['cpu_other']:.2f}{steal}")
+
+
+def wait_for_quiet(args: argparse.Namespace, sids: set[int]) -> tuple[float, float]:
+    """Wait (at most --quiet-wait s) until processes other than ours use less than --quiet-below
+    cores, measured over one second while our servers are idle; return (seconds waited, last
+    measured other load)."""
+    started = time.monotonic()
+    told = False
+    while True:
+        before = cpu_snapshot(sids)
+        time.sleep(1)
+        other = cpu_use(before, cpu_snapshot(sids))["cpu_other"]
+        waited = time.monotonic() - started - 1
+        if other < args.quiet_below or waited >= args.quiet_wait:
+            if told:
+                log(f"    ... waited {waited:.0f}s; other processes now use {other:.2f} cores"
+                    + ("" if other < args.quiet_below else " (gave up waiting: this run is noisy)"))
+            return waited, other
+        if not told:
+            log(f"    other processes use {other:.2f} cores: waiting up to {args.quiet_wait}s for less than "
+                f"{args.quiet_below:g}")
+            told = True
+
+
+def measure(wrk: str, scenario: str, script: Path, servers: list[Server], args: argparse.Namespace,
+            runs: list[Run], script_args: Callable[[Server], Sequence[str]] = lambda server: (),
+            all_servers: Sequence[Server] | None = None, connections: int | None = None) -> None:
+    """Warm each server up (--warmup s), then --rounds rounds of `script`, alternating which server
+    goes first; each run waits for quiet, is CPU-snapshotted, logged and appended to `runs`.
+    `script_args` gives the Lua script's arguments after the nonce, asked anew for every run.
+    `all_servers` (default: `servers`) are every gunicorn of ours that may be running, idle or
+    not: their CPU counts as the servers', not as other processes' (quiet wait, CPU snapshots).
+    `connections` overrides --connections for this scenario."""
+    for server in servers:
+        wrk_once(wrk, script, server.url, args, args.warmup, script_args(server), connections)
+    for rnd in range(1, args.rounds + 1):
+        order = servers if rnd % 2 else list(reversed(servers))
+        for server in order:
+            sids = {s.proc.pid for s in (all_servers or servers) if s.proc}
+            waited, _ = wait_for_quiet(args, sids) if args.quiet_wait > 0 else (0.0, 0.0)
+            before = cpu_snapshot(sids)
+            result, output = run_wrk(wrk, script, server.url, threads=args.threads,
+                                     connections=connections or args.connections, duration=args.duration,
+                                     timeout=args.timeout, script_args=script_args(server))
+            result.update(cpu_use(before, cpu_snapshot(sids)))
+            result["cpu_us_per_req"] = round(result["cpu_servers"] * 1e6 / result["rps"], 1) if result["rps"] else 0.0
+            result["wrk_cpu_us_per_req"] = round(result["cpu_wrk"] * 1e6 / result["rps"], 1) if result["rps"] else 0.0
+            result["quiet_wait_s"] = round(waited, 1)
+            run = Run(scenario, server.name, rnd, result, output)
+            runs.append(run)
+            log(fmt_run(run))
+
+
+def summarise(runs: list[Run], scenario: str, app: str, quiet_below: float = 0.25) -> dict:
+    mine = [r.result for r in runs if r.scenario == scenario and r.app == app]
+    return {
+        "noisy": sum(r["cpu_other"] >= quiet_below for r in mine),
+        "runs": len(mine),
+        "rps": statistics.median(r["rps"] for r in mine),
+        "p50_ms": statistics.median(r["p50_ms"] for r in mine),
+        "p99_ms": statistics.median(r["p99_ms"] for r in mine),
+        "non2xx": sum(r["non2xx"] for r in mine),
+        "socket_errors": sum(r["socket_errors"] for r in mine),
+        "cpu_other": statistics.median(r["cpu_other"] for r in mine),
+        "cpu_us_per_req": statistics.median(r["cpu_us_per_req"] for r in mine),
+        "wrk_cpu_us_per_req": statistics.median(r["wrk_cpu_us_per_req"] for r in mine),
+        "requests": sum(r["requests"] for r in mine),
+        "rps_all": [round(r["rps"], 1) for r in mine],
+    }
+
+
+def pair_ratios(runs: list[Run], scenario: str, num: str, den: str) -> list[float]:
+    """num/den req/s of the two runs of each round (run back to back, so under similar noise)."""
+    by_round: dict[int, dict[str, float]] = {}
+    for r in runs:
+        if r.scenario == scenario:
+            by_round.setdefault(r.round, {})[r.app] = r.result["rps"]
+    return [round(v[num] / v[den], 3) for _, v in sorted(by_round.items()) if num in v and den in v and v[den]]
+
+
+def noisy_warning(runs: list[Run], quiet_below: float) -> str | None:
+    noisy = sum(r.result["cpu_other"] >= quiet_below for r in runs)
+    if not noisy:
+        return None
+    return (f"WARNING: {noisy} of {len(runs)} runs had other processes using >= {quiet_below:g} cores "
+            "(see 'other' on each run line): req/s and ratios are not reliable.")
+
+
+def load_arguments(doc: str, pairs: str) -> argparse.ArgumentParser:
+    """A parser with the load options every benchmark here takes; `pairs` names what a round compares."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run (whole seconds: wrk)")
+    p.add_argument("--connections", type=int, default=16, help="wrk connections")
+    p.add_argument("--threads", type=int, default=2, help="wrk threads")
+    p.add_argument("--workers", type=int, default=None,
+                   help="gunicorn workers for every server (default: what gunicorn.conf.py resolves to)")
+    p.add_argument("--rounds", type=int, default=3, help=f"{pairs} pairs per scenario; medians are reported")
+    p.add_argument("--warmup", type=int, default=2, help="seconds of unrecorded load per server and scenario")
+    p.add_argument("--timeout", type=int, default=5, help="wrk request timeout, seconds")
+    p.add_argument("--quiet-below", type=float, default=0.25, metavar="CORES",
+                   help="before each measured run, wait until other processes use less than this many cores")
+    p.add_argument("--quiet-wait", type=int, default=30, metavar="SECONDS",
+                   help="longest wait for that before running anyway (0: never wait)")
+    return p
+
+
+def parse_load_arguments(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if min(args.duration, args.warmup, args.timeout, args.rounds, args.connections, args.threads) < 1:
+        p.error("--duration, --warmup, --timeout, --rounds, --connections and --threads must be at least 1")
+    if args.quiet_wait < 0:
+        p.error("--quiet-wait must be 0 or more")
+    return args
 
 
 # -- profile -----------------------------------------------------------------------------------
 
-def py_spy(server: Server, seconds: int, raw: Path) -> subprocess.Popen:
-    """Start py-spy sampling all of `server`'s workers for `seconds` into `raw` (collapsed stacks)."""
+def py_spy_binary() -> str:
     binary = shutil.which("py-spy", path=str(VENV_BIN)) or shutil.which("py-spy")
     if not binary:
         raise BenchError("py-spy is not installed: .venv/bin/pip install py-spy")
-    spy = subprocess.Popen([binary, "record", "--pid", str(server.proc.pid), "--subprocesses", "--nolineno",
-                            "--format", "raw", "--rate", "250", "--duration", str(seconds), "--output", str(raw)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return binary
+
+
+def py_spy(server: Server, seconds: int, raw: Path) -> subprocess.Popen:
+    """Start py-spy sampling all of `server`'s processes for `seconds` into `raw` (collapsed
+    stacks; 250 Hz, non-blocking, so the workers are not paused to be sampled)."""
+    spy = subprocess.Popen([py_spy_binary(), "record", "--pid", str(server.proc.pid), "--subprocesses", "--nolineno",
+                            "--format", "raw", "--rate", "250", "--nonblocking", "--duration", str(seconds),
+                            "--output", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(1)  # let py-spy attach before the load starts
     return spy
 
@@ -273,9 +560,10 @@ def _module_group(frame: str) -> str:
     return f"stdlib {top.removesuffix('.py')}"
 
 
-def profile_summary(raw: Path, top: int = 20) -> str:
+def profile_summary(raw: Path, top: int = 20, focus: str | None = None) -> str:
     """Self time by module, then self and inclusive time per function, from py-spy's collapsed
-    stacks (idle excluded, so the shares are of the workers' CPU time)."""
+    stacks (samples py-spy judged idle are not recorded). `focus`: a function whose inclusive
+    share goes first."""
     inclusive: dict[str, int] = {}
     self_time: dict[str, int] = {}
     total = 0
@@ -296,7 +584,10 @@ def profile_summary(raw: Path, top: int = 20) -> str:
     groups: dict[str, int] = {}
     for frame, n in self_time.items():
         groups[_module_group(frame)] = groups.get(_module_group(frame), 0) + n
-    lines = [f"  {total} on-CPU samples over all workers; self time by module:"]
+    lines = [f"  {total} non-idle samples over all processes; self time by module:"]
+    if focus:
+        share = sum(n for frame, n in inclusive.items() if frame.startswith(focus + " "))
+        lines.insert(0, f"  {focus} and all it calls: {100 * share / total:.1f}% of the non-idle samples")
     lines += [f"  {100 * n / total:5.1f}%  {g}" for g, n in sorted(groups.items(), key=lambda kv: -kv[1])[:12]]
     by_self = sorted(self_time.items(), key=lambda kv: -kv[1])[:top]
     by_incl = sorted(((f, n) for f, n in inclusive.items() if not _BOOT_FRAMES.search(f)),

@@ -5,12 +5,13 @@ local dir = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 dofile(dir .. "common.lua")
 
 local records = 1
+local headers = with_auth({})
 
 function init(args)
    records = tonumber(args[2])
-   math.randomseed(tonumber(args[1], 16) + 7919 * (thread_no or 0))
+   seed_random(args[1])
 end
 
 function request()
-   return wrk.format("GET", string.format("/tests/seed-%07d", math.random(records)))
+   return wrk.format("GET", string.format("/tests/seed-%07d", math.random(records)), headers)
 end

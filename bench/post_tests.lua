@@ -1,6 +1,8 @@
 -- POST /tests with realistic records (record.lua, which mirrors records_gen.make_record) and ids
--- unique across threads and runs: b<nonce>-<thread>-<counter>. Usage: wrk ... -s post_tests.lua URL -- NONCE
--- where NONCE is 8 hex digits, new for every run. clinic_id is one of the pre-filled C0001..C1000.
+-- unique across threads and runs: b<nonce>-<thread>-<counter> (records_gen.bench_test_id).
+-- Usage: wrk ... -s post_tests.lua URL -- NONCE   where NONCE is 8 hex digits, new for every run.
+-- clinic_id is one of the pre-filled C0001..C1000. BENCH_AUTHORIZATION, when set, goes with
+-- every request (with_auth, common.lua).
 
 local dir = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 dofile(dir .. "common.lua")
@@ -14,7 +16,7 @@ local headers = with_auth({["Content-Type"] = "application/json"})
 
 function init(args)
    nonce = args[1] or nonce
-   math.randomseed(tonumber(nonce, 16) + 7919 * (thread_no or 0))
+   seed_random(nonce)
 end
 
 function request()

@@ -31,12 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(ROOT))
-
-import bench_core  # noqa: E402
-import records_gen  # noqa: E402
+import records_gen
+from common import ROOT, prefill, profile_summary, py_spy_binary  # common also puts ROOT on sys.path
 
 
 def environ(method: str, path: str, query: str = "", body: bytes = b"") -> dict:
@@ -100,7 +96,7 @@ def main(argv: list[str]) -> int:
     try:
         db = tmp / "records.db"
         print(f"pre-filling {clinics * args.per_clinic:,} records ... ", end="", flush=True)
-        print(f"{bench_core.prefill(db, clinics, args.per_clinic):.1f}s")
+        print(f"{prefill(db, clinics, args.per_clinic):.1f}s")
 
         # Our app as gunicorn runs it: settings from the environment, JSON logs on stderr (a file).
         os.environ.update({"RECORDS_DB_PATH": str(db), "RECORDS_AUTH": "disabled", "RECORDS_LOG_LEVEL": "INFO",
@@ -123,7 +119,8 @@ def main(argv: list[str]) -> int:
             for method, path, query, body in reqs:
                 lengths.append(len(b"".join(ours(environ(method, path, query, body), lambda *a: None))))
             sizes[s] = round(sum(lengths) / len(lengths))
-        os.environ.update({"BENCH_POST_BODY_BYTES": str(sizes["POST"]), "BENCH_GET_BODY_BYTES": str(sizes["GET"])})
+        os.environ.update({"BENCH_POST_BODY_BYTES": str(sizes["POST"]), "BENCH_GET_BODY_BYTES": str(sizes["GET"]),
+                           "BENCH_GET_RECORDS": str(args.per_clinic)})
         import bare_app
         bare = bare_app.create_app()
 
@@ -144,10 +141,9 @@ def main(argv: list[str]) -> int:
         for scenario in scenarios:
             expect = 201 if scenario == "POST" else 200
             if args.py_spy:
-                py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
                 raw = tmp / f"profile-{scenario.lower()}.txt"
                 requests = make_requests(scenario, args.requests, clinics)
-                spy = subprocess.Popen([py_spy, "record", "--pid", str(os.getpid()), "--nolineno", "--format", "raw",
+                spy = subprocess.Popen([py_spy_binary(), "record", "--pid", str(os.getpid()), "--nolineno", "--format", "raw",
                                         "--rate", "500", "--output", str(raw)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                 time.sleep(1.5)
@@ -155,7 +151,7 @@ def main(argv: list[str]) -> int:
                 spy.send_signal(2)  # SIGINT: py-spy writes what it has and exits
                 spy.wait(30)
                 print(f"\n[py-spy] ours, {scenario} /tests, {args.requests} in-process requests ({raw})")
-                print(bench_core.profile_summary(raw, top=args.top))
+                print(profile_summary(raw, top=args.top))
             if args.cprofile:
                 requests = make_requests(scenario, args.requests, clinics)
                 prof = cProfile.Profile()

@@ -9,14 +9,14 @@ dofile(dir .. "common.lua")
 
 local first, threads, counter = 1, 1, 0
 local identity = {}
-local headers = {["Content-Type"] = "application/json", ["If-Match"] = '"1"'}
+local headers = with_auth({["Content-Type"] = "application/json", ["If-Match"] = '"1"'})
 
 function init(args)
    first, threads = tonumber(args[2]), tonumber(args[3])
    for line in io.lines(args[4]) do
       identity[#identity + 1] = line
    end
-   math.randomseed(tonumber(args[1], 16) + 7919 * (thread_no or 0))
+   seed_random(args[1])
 end
 
 function request()

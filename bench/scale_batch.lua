@@ -10,11 +10,11 @@ dofile(dir .. "record.lua")
 
 local nonce, clinics, mode, size = "00000000", 500, "clinic", 1000
 local counter = 0
-local headers = {["Content-Type"] = "application/x-ndjson"}
+local headers = with_auth({["Content-Type"] = "application/x-ndjson"})
 
 function init(args)
    nonce = args[1] or nonce
-   math.randomseed(tonumber(nonce, 16) + 7919 * (thread_no or 0))
+   seed_random(nonce)
    clinics = tonumber(args[2] or "500")
    mode = args[3] or mode
    size = tonumber(args[4] or "1000")

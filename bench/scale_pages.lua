@@ -9,9 +9,10 @@ local dir = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 dofile(dir .. "common.lua")
 
 local clinics, filter, values = 500, "none", {}
+local headers = with_auth({})
 
 function init(args)
-   math.randomseed(tonumber(args[1] or "0", 16) + 7919 * (thread_no or 0))
+   seed_random(args[1])
    clinics = tonumber(args[2] or "500")
    filter = args[3] or "none"
    for value in string.gmatch(args[4] or "", "[^,]+") do
@@ -31,5 +32,5 @@ function request()
    elseif filter ~= "none" then
       path = path .. "&" .. filter .. "=" .. values[math.random(#values)]
    end
-   return wrk.format("GET", path)
+   return wrk.format("GET", path, headers)
 end
