@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_core.py [--duration 10] [--connections 16] [--workers N]
                                          [--rounds 3] [--no-synchronous-compare] [--profile]
+                                         [--ours-app MODULE:CALLABLE]    (see --help)
 
 One run on this machine:
   1. installs wrk (`apt-get install -y wrk`) when it is missing;
@@ -21,6 +22,12 @@ One run on this machine:
      bare app's requests/s with zero non-2xx, GET >= 0.50), and writes the raw runs as JSON
      to bench/results/ (git-ignored).
 Every gunicorn it started is stopped at the end (SIGTERM, then wait), on error and Ctrl-C too.
+
+The machine is shared: before each measured run the script waits (up to --quiet-wait s) for
+other processes to go quiet, and every run line shows the CPU cores used by our servers, by
+wrk and by everything else ("other"). Runs with "other" well above 0 are not comparable.
+`--profile` adds py-spy samples of both apps' workers under each load (after the measured
+runs); bench/profile_app.py gives the cleaner per-request CPU breakdown of our app alone.
 """
 
 from __future__ import annotations
@@ -42,8 +49,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import records_gen  # (bench/ is sys.path[0] when run as a script)
-from common import (BENCH_DIR, ROOT, BenchError, Server, describe_machine, ensure_wrk, free_port, fs_type,
-                    gunicorn_argv, gunicorn_config, loadavg, log, profile_summary, py_spy, py_spy_done, run_guarded)
+from common import (BENCH_DIR, PY_SPY_NOTE, ROOT, BenchError, Server, describe_machine, ensure_wrk, free_port,
+                    fs_type, gunicorn_argv, gunicorn_config, log, measured_wrk, profile_summary, py_spy, py_spy_done,
+                    run_figures, run_guarded)
 from common import run_wrk as common_run_wrk
 
 sys.path.insert(0, str(ROOT))  # records_service, for the pre-fill
@@ -89,45 +97,49 @@ class Run:
     app: str
     round: int
     result: dict
-    load_before: float
     wrk_output: str = field(repr=False, default="")
 
 
 def run_wrk(wrk: str, scenario: str, url: str, args: argparse.Namespace, duration: float) -> tuple[dict, str]:
-    return common_run_wrk(wrk, SCRIPTS[scenario], url, threads=args.threads, connections=args.connections,
-                          duration=duration, timeout=args.timeout)
+    return common_run_wrk(wrk, SCRIPTS[scenario], url, **wrk_args(args, duration))
+
+
+def wrk_args(args: argparse.Namespace, duration: float) -> dict:
+    return {"threads": args.threads, "connections": args.connections, "duration": duration, "timeout": args.timeout}
 
 
 def fmt_run(run: Run) -> str:
-    r = run.result
-    errs = f" socket_errors={r['socket_errors']}" if r["socket_errors"] else ""
-    return (f"  {run.scenario:4} {run.app:12} round {run.round}: {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms"
-            f"  p99 {r['p99_ms']:7.2f} ms  non-2xx {r['non2xx']}{errs}  (load avg before {run.load_before:.2f})")
+    return f"  {run.scenario:4} {run.app:12} round {run.round}: {run_figures(run.result)}"
 
 
-def measure(wrk: str, scenario: str, servers: list[Server], args: argparse.Namespace, runs: list[Run]) -> None:
+def measure(wrk: str, scenario: str, servers: list[Server], args: argparse.Namespace, runs: list[Run],
+            all_servers: list[Server]) -> None:
     """Warm each server up, then --rounds rounds, alternating which server goes first."""
     for server in servers:
         run_wrk(wrk, scenario, server.url, args, args.warmup)
     for rnd in range(1, args.rounds + 1):
         order = servers if rnd % 2 else list(reversed(servers))
         for server in order:
-            before = loadavg()
-            result, output = run_wrk(wrk, scenario, server.url, args, args.duration)
-            run = Run(scenario, server.name, rnd, result, before, output)
+            result, output = measured_wrk(wrk, SCRIPTS[scenario], server, all_servers, quiet_below=args.quiet_below,
+                                          quiet_wait=args.quiet_wait, **wrk_args(args, args.duration))
+            run = Run(scenario, server.name, rnd, result, output)
             runs.append(run)
             log(fmt_run(run))
 
 
-def summarise(runs: list[Run], scenario: str, app: str) -> dict:
+def summarise(runs: list[Run], scenario: str, app: str, quiet_below: float = 0.25) -> dict:
     mine = [r.result for r in runs if r.scenario == scenario and r.app == app]
     return {
+        "noisy": sum(r["cpu_other"] >= quiet_below for r in mine),
         "runs": len(mine),
         "rps": statistics.median(r["rps"] for r in mine),
         "p50_ms": statistics.median(r["p50_ms"] for r in mine),
         "p99_ms": statistics.median(r["p99_ms"] for r in mine),
         "non2xx": sum(r["non2xx"] for r in mine),
         "socket_errors": sum(r["socket_errors"] for r in mine),
+        "cpu_other": statistics.median(r["cpu_other"] for r in mine),
+        "cpu_us_per_req": statistics.median(r["cpu_us_per_req"] for r in mine),
+        "wrk_cpu_us_per_req": statistics.median(r["wrk_cpu_us_per_req"] for r in mine),
         "requests": sum(r["requests"] for r in mine),
         "rps_all": [round(r["rps"], 1) for r in mine],
     }
@@ -174,13 +186,27 @@ def profile(wrk: str, scenario: str, server: Server, args: argparse.Namespace, o
     spy = py_spy(server, args.duration + 1, raw)
     result, _ = run_wrk(wrk, scenario, server.url, args, args.duration)
     py_spy_done(spy, raw, timeout=args.duration + 60)
-    log(f"\n[profile] {scenario} /tests on {server.name} under py-spy (250 Hz, on-CPU samples only): "
+    log(f"\n[profile] {scenario} /tests on {server.name} under py-spy ({PY_SPY_NOTE}): "
         f"{result['rps']:.1f} req/s; raw stacks: {raw}")
     log(profile_summary(raw, top=args.profile_top))
     return raw
 
 
 # -- report ----------------------------------------------------------------------------------
+
+def pair_ratios(runs: list[Run], scenario: str, num: str, den: str) -> list[float]:
+    """num/den req/s of the two runs of each round (run back to back, so under similar noise)."""
+    by_round: dict[int, dict[str, float]] = {}
+    for r in runs:
+        if r.scenario == scenario:
+            by_round.setdefault(r.round, {})[r.app] = r.result["rps"]
+    return [round(v[num] / v[den], 3) for _, v in sorted(by_round.items()) if num in v and den in v and v[den]]
+
+
+def row(scenario: str, label: str, m: dict) -> str:
+    return (f"{scenario:9}{label:7}{m['rps']:9.1f}{m['p50_ms']:9.2f}{m['p99_ms']:9.2f}{m['non2xx']:9d}"
+            f"{m['socket_errors']:9d}{m['cpu_us_per_req']:11.0f}{m['cpu_other']:10.2f}   {m['rps_all']}")
+
 
 def report(runs: list[Run], scenarios: list[str], sync_runs: list[Run], args, sizes, settings) -> tuple[str, bool]:
     out = []
@@ -190,22 +216,21 @@ def report(runs: list[Run], scenarios: list[str], sync_runs: list[Run], args, si
                f"{args.connections} connections, {args.threads} wrk threads, gunicorn "
                f"{settings.get('worker_class')} x {args.workers} workers ==")
     out.append(f"   body bytes: POST {sizes[0]}, GET {sizes[1]} (ours, mean; bare answers exactly these)")
-    header = (f"{'scenario':9}{'app':6}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}"
-              f"{'sock err':>10}   per-round req/s")
+    header = (f"{'scenario':9}{'app':7}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}"
+              f"{'sock err':>9}{'CPU us/req':>11}{'other CPU':>10}   per-round req/s")
     out.append(header)
     out.append("-" * len(header))
     ratios = {}
     for scenario in scenarios:
-        s = {app: summarise(runs, scenario, app) for app in ("bare", "ours")}
+        s = {app: summarise(runs, scenario, app, args.quiet_below) for app in ("bare", "ours")}
         for app in ("bare", "ours"):
             m = s[app]
-            out.append(f"{scenario:9}{app:6}{m['rps']:10.1f}{m['p50_ms']:10.2f}{m['p99_ms']:10.2f}"
-                       f"{m['non2xx']:9d}{m['socket_errors']:10d}   {m['rps_all']}")
+            out.append(row(scenario, app, m))
         ratio = s["ours"]["rps"] / s["bare"]["rps"]
-        ratios[scenario] = (ratio, s)
+        ratios[scenario] = (ratio, s, pair_ratios(runs, scenario, "ours", "bare"))
     out.append("")
     for scenario in scenarios:
-        ratio, s = ratios[scenario]
+        ratio, s, pairs = ratios[scenario]
         target = TARGETS[scenario]
         ok = ratio >= target and s["ours"]["non2xx"] == 0
         all_pass &= ok
@@ -214,21 +239,37 @@ def report(runs: list[Run], scenarios: list[str], sync_runs: list[Run], args, si
         out.append(f"{scenario:5} ours/bare: req/s {ratio:.3f}   p50 {s['ours']['p50_ms'] / s['bare']['p50_ms']:.2f}x"
                    f"   p99 {s['ours']['p99_ms'] / s['bare']['p99_ms']:.2f}x   target >= {target:.2f} with zero"
                    f" non-2xx: {'PASS' if ok else 'MISS (' + ', '.join(why) + ')'}")
+        cost = ((s["bare"]["cpu_us_per_req"] + s["bare"]["wrk_cpu_us_per_req"])
+                / (s["ours"]["cpu_us_per_req"] + s["ours"]["wrk_cpu_us_per_req"]))
+        out.append(f"      cross-checks: per-round ratios {pairs} (median {statistics.median(pairs):.3f}); "
+                   f"CPU-cost ratio {cost:.3f} (bare/ours server+wrk CPU per request)")
         if s["ours"]["socket_errors"] or s["bare"]["socket_errors"]:
             out.append(f"      note: socket errors (connect/read/write/timeout): ours {s['ours']['socket_errors']},"
                        f" bare {s['bare']['socket_errors']}")
     if sync_runs:
-        n = summarise(sync_runs, "POST", "ours-NORMAL")
-        f = summarise(sync_runs, "POST", "ours-FULL")
+        n = summarise(sync_runs, "POST", "ours-NORMAL", args.quiet_below)
+        f = summarise(sync_runs, "POST", "ours-FULL", args.quiet_below)
         out.append("")
         out.append(f"== RECORDS_SYNCHRONOUS: POST /tests on ours, median of {args.rounds} rounds ==")
         out.append(header)
         out.append("-" * len(header))
         for label, m in (("NORMAL", n), ("FULL", f)):
-            out.append(f"{'POST':9}{label:6}{m['rps']:10.1f}{m['p50_ms']:10.2f}{m['p99_ms']:10.2f}"
-                       f"{m['non2xx']:9d}{m['socket_errors']:10d}   {m['rps_all']}")
-        out.append(f"FULL/NORMAL: req/s {f['rps'] / n['rps']:.3f} ({100 * (1 - f['rps'] / n['rps']):+.1f}% cost),"
-                   f" p50 {f['p50_ms'] / n['p50_ms']:.2f}x, p99 {f['p99_ms'] / n['p99_ms']:.2f}x")
+            out.append(row("POST", label, m))
+        pairs = pair_ratios(sync_runs, "POST", "ours-FULL", "ours-NORMAL")
+        out.append(f"FULL/NORMAL: req/s {f['rps'] / n['rps']:.3f} (FULL serves {100 * (1 - f['rps'] / n['rps']):.1f}%"
+                   f" fewer POSTs a second), p50 {f['p50_ms'] / n['p50_ms']:.2f}x, p99 {f['p99_ms'] / n['p99_ms']:.2f}x")
+        out.append(f"      cross-checks: per-round ratios {pairs} (median {statistics.median(pairs):.3f}); CPU per "
+                   f"request FULL {f['cpu_us_per_req']:.0f} us vs NORMAL {n['cpu_us_per_req']:.0f} us")
+    out.append("")
+    noisy = sum(r.result["cpu_other"] >= args.quiet_below for r in runs + sync_runs)
+    if noisy:
+        out.append(f"WARNING: {noisy} of {len(runs) + len(sync_runs)} runs had other processes using "
+                   f">= {args.quiet_below:g} cores (see 'other' on each run line): req/s and ratios are not reliable.")
+    out.append("CPU us/req: CPU time of the server's gunicorn processes per answered request (median of runs).")
+    out.append("CPU-cost ratio: what the req/s ratio would be if both were limited only by CPU (server + wrk per "
+               "request); less sensitive to other load than req/s.")
+    out.append("other CPU: median cores used by processes other than our gunicorns and wrk during the runs "
+               f"(noise on a shared machine; {os.cpu_count()} cores in all).")
     return "\n".join(out), all_pass
 
 
@@ -249,13 +290,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "keeps every page at 100 records)")
     p.add_argument("--synchronous-compare", action=argparse.BooleanOptionalAction, default=True,
                    help="also compare POST throughput of ours with RECORDS_SYNCHRONOUS=NORMAL and FULL")
-    p.add_argument("--clinics", type=int, default=records_gen.CLINICS, help=argparse.SUPPRESS)
-    p.add_argument("--per-clinic", type=int, default=records_gen.RECORDS_PER_CLINIC, help=argparse.SUPPRESS)
+    p.add_argument("--per-clinic", type=int, default=records_gen.RECORDS_PER_CLINIC,
+                   help="records a clinic in the pre-fill (1,000 clinics: the Lua scripts pick among them)")
     p.add_argument("--tmpdir", default=None, help="where the temporary database and server logs go")
     p.add_argument("--keep-tmp", action="store_true", help="keep the database and server logs")
     p.add_argument("--profile", action="store_true",
-                   help="after measuring, load ours once more per scenario under py-spy and print the top functions")
+                   help="after measuring, load each app once more per scenario under py-spy (needs "
+                        "`.venv/bin/pip install py-spy`) and print the top functions")
     p.add_argument("--profile-top", type=int, default=20, help=argparse.SUPPRESS)
+    p.add_argument("--quiet-below", type=float, default=0.25, metavar="CORES",
+                   help="before each measured run, wait until other processes use less than this many cores")
+    p.add_argument("--quiet-wait", type=int, default=30, metavar="SECONDS",
+                   help="longest wait for that before running anyway (0: never wait)")
+    p.add_argument("--ours-app", default=None, metavar="MODULE:CALLABLE",
+                   help="run this app as ours instead of gunicorn.conf.py's wsgi_app (to try a change to the "
+                        "service without editing it; MODULE is looked up in bench/ and the repository)")
     p.add_argument("--json", default=None, help="write raw runs here (default bench/results/core-<time>.json)")
     p.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
     args = p.parse_args(argv)
@@ -264,8 +313,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
     if not args.scenarios or set(args.scenarios) - set(SCRIPTS):
         p.error("--scenarios takes GET and/or POST")
-    if args.clinics != records_gen.CLINICS:
-        p.error("the Lua scripts use 1,000 clinics")  # kept hidden: only for the pre-fill size
+    args.clinics = records_gen.CLINICS
     return args
 
 
@@ -295,7 +343,8 @@ def main(argv: list[str]) -> int:
         log(f"  done in {prefill(db_path, args.clinics, args.per_clinic):.1f}s")
 
         ours_port = free_port()
-        ours = Server("ours", gunicorn_argv(ours_port, args.workers, None), ours_env, tmp / "ours.log", ours_port)
+        ours = Server("ours", gunicorn_argv(ours_port, args.workers, args.ours_app), ours_env, tmp / "ours.log",
+                      ours_port)
         servers.append(ours)
         ours.start()
         sizes = measure_body_sizes(ours, args.clinics)
@@ -314,19 +363,19 @@ def main(argv: list[str]) -> int:
 
         for scenario in args.scenarios:
             log(f"\n{scenario} /tests: warm-up {args.warmup:g}s each, then {args.rounds} rounds")
-            measure(wrk, scenario, [bare, ours], args, runs)
+            measure(wrk, scenario, [bare, ours], args, runs, servers)
 
         if args.synchronous_compare:
             bare.stop()
             full_port = free_port()
-            full = Server("ours-FULL", gunicorn_argv(full_port, args.workers, None),
+            full = Server("ours-FULL", gunicorn_argv(full_port, args.workers, args.ours_app),
                           {**ours_env, "RECORDS_SYNCHRONOUS": "FULL"}, tmp / "ours-full.log", full_port)
             servers.append(full)
             full.start()
             ours.name = "ours-NORMAL"
             log(f"\nRECORDS_SYNCHRONOUS NORMAL vs FULL, POST /tests: warm-up {args.warmup:g}s each, "
                 f"then {args.rounds} rounds")
-            measure(wrk, "POST", [ours, full], args, sync_runs)
+            measure(wrk, "POST", [ours, full], args, sync_runs, servers)
             ours.name = "ours"
             full.stop()
 
@@ -346,8 +395,7 @@ def main(argv: list[str]) -> int:
         json_path.write_text(json.dumps({
             "command": [sys.executable, *sys.argv], "args": {k: v for k, v in vars(args).items()},
             "body_bytes": {"POST": sizes[0], "GET": sizes[1]},
-            "runs": [{"scenario": r.scenario, "app": r.app, "round": r.round, "load_before": r.load_before,
-                      **r.result} for r in runs + sync_runs],
+            "runs": [{"scenario": r.scenario, "app": r.app, "round": r.round, **r.result} for r in runs + sync_runs],
         }, indent=1))
         log(f"\nraw runs: {json_path}")
         return 0 if all_pass or not args.fail_on_miss else 1

@@ -42,8 +42,9 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from common import (BENCH_DIR, ROOT, BenchError, Server, describe_machine, ensure_wrk, free_port, gunicorn_argv,
-                    gunicorn_config, loadavg, log, profile_summary, py_spy, py_spy_done, run_guarded, run_wrk)
+from common import (BENCH_DIR, PY_SPY_NOTE, ROOT, BenchError, Server, describe_machine, ensure_wrk, free_port,
+                    gunicorn_argv, gunicorn_config, log, measured_wrk, profile_summary, py_spy, py_spy_done,
+                    run_figures, run_guarded, run_wrk)
 
 sys.path.insert(0, str(ROOT))
 from records_service import seed  # noqa: E402  (after the path: the package is not installed)
@@ -100,31 +101,30 @@ def month_bounds(path: Path) -> list[str]:
 
 # -- load --------------------------------------------------------------------------------------
 
-def wrk_run(wrk: str, script: str, url: str, args, duration: int, script_args: list[str],
-            connections: int | None = None) -> dict:
-    return run_wrk(wrk, BENCH_DIR / script, url, threads=args.threads, connections=connections or args.connections,
-                   duration=duration, timeout=args.timeout, script_args=script_args)[0]
+def wrk_args(args, duration: int, script_args: list[str], connections: int | None) -> dict:
+    return {"threads": args.threads, "connections": connections or args.connections, "duration": duration,
+            "timeout": args.timeout, "script_args": script_args}
 
 
 def alternate(wrk, script, servers: list[Server], args, script_args, connections=None) -> dict[str, list[dict]]:
-    """Warm each server up, then --rounds rounds alternating which goes first; every run, by app."""
+    """Warm each server up, then --rounds rounds alternating which goes first (each after the
+    machine has gone quiet, with the CPU it cost); every run, by app."""
     for server in servers:
-        wrk_run(wrk, script, server.url, args, args.warmup, script_args, connections)
+        run_wrk(wrk, BENCH_DIR / script, server.url, **wrk_args(args, args.warmup, script_args, connections))
     runs: dict[str, list[dict]] = {server.name: [] for server in servers}
     for rnd in range(args.rounds):
         for server in servers if rnd % 2 == 0 else list(reversed(servers)):
-            before = loadavg()
-            result = wrk_run(wrk, script, server.url, args, args.duration, script_args, connections)
-            result["load_before"] = before
+            result, _ = measured_wrk(wrk, BENCH_DIR / script, server, servers, quiet_below=args.quiet_below,
+                                     quiet_wait=args.quiet_wait,
+                                     **wrk_args(args, args.duration, script_args, connections))
             runs[server.name].append(result)
-            log(f"    {server.name:5} round {rnd + 1}: {result['rps']:9.1f} req/s  p50 {result['p50_ms']:7.2f} ms"
-                f"  p99 {result['p99_ms']:7.2f} ms  non-2xx {result['non2xx']}  socket errors {result['socket_errors']}"
-                f"  (load {before:.1f})")
+            log(f"    {server.name:5} round {rnd + 1}: {run_figures(result)}")
     return runs
 
 
 def median_of(runs: list[dict]) -> dict:
-    return {key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_ms", "p99_ms")} | {
+    return {key: statistics.median(r[key] for r in runs)
+            for key in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "wrk_cpu_us_per_req", "cpu_other")} | {
         "non2xx": sum(r["non2xx"] for r in runs), "socket_errors": sum(r["socket_errors"] for r in runs),
         "rps_all": [round(r["rps"], 1) for r in runs]}
 
@@ -276,11 +276,11 @@ def bench_batch(wrk, ours, bare_env, args, tmp, results, db: Path, profile: bool
         if profile and mode == "clinic":
             raw = tmp / "profile-batch.txt"
             spy = py_spy(ours, args.duration + 1, raw)
-            result = wrk_run(wrk, "scale_batch.lua", ours.url, args, args.duration, [str(args.clinics), mode, "1000"],
-                             args.batch_connections)
+            result, _ = run_wrk(wrk, BENCH_DIR / "scale_batch.lua", ours.url,
+                                **wrk_args(args, args.duration, [str(args.clinics), mode, "1000"], args.batch_connections))
             py_spy_done(spy, raw, timeout=args.duration + 60)
-            log(f"\n[profile] batch ({mode}) on ours under py-spy (250 Hz): {result['rps'] * 1000:,.0f} records/s\n"
-                + profile_summary(raw, top=15))
+            log(f"\n[profile] batch ({mode}) on ours under py-spy ({PY_SPY_NOTE}): {result['rps'] * 1000:,.0f}"
+                f" records/s\n" + profile_summary(raw, top=15))
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -289,45 +289,54 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
+def cost_ratio(bare: dict, ours: dict) -> float:
+    """What the req/s ratio would be if both were limited by CPU alone (server + wrk per request)."""
+    return (bare["cpu_us_per_req"] + bare["wrk_cpu_us_per_req"]) / (ours["cpu_us_per_req"] + ours["wrk_cpu_us_per_req"])
+
+
 def report(results: dict, args) -> str:
     out = ["", f"== records at scale: ours vs bare Falcon, {args.records:,} records over {args.clinics} clinics,"
                f" gunicorn sync x {args.workers}, medians of {args.rounds} rounds x {args.duration}s ==",
-           f"{'scenario':24}{'body B':>8}{'bare req/s':>12}{'ours req/s':>12}{'ratio':>7}{'ours p50':>10}"
-           f"{'ours p99':>10}{'bare p99':>10}  targets"]
-    for name in [f"page {f}" for f in PAGE_FILTERS] + ["stats"]:
-        if name not in results:
-            continue
-        r = results[name]
+           f"{'scenario':22}{'body B':>7}{'bare r/s':>9}{'ours r/s':>9}{'ratio':>6}{'CPU-r':>6}{'ours p50':>9}"
+           f"{'ours p99':>9}{'bare p99':>9}{'us/req':>7}{'other':>6}  targets"]
+
+    def line(name: str, size, r: dict, target: str) -> str:
         ours, bare = r["ours"], r["bare"]
-        ratio = ours["rps"] / bare["rps"]
-        if name == "stats":
-            target = f"p99 <= {TARGETS['stats_p99_ms']:.0f} ms: {verdict(ours['p99_ms'] <= TARGETS['stats_p99_ms'])}"
-        else:
-            target = (f"p99 <= {TARGETS['page_p99_ms']:.0f} ms: {verdict(ours['p99_ms'] <= TARGETS['page_p99_ms'])};"
-                      f" ratio >= {TARGETS['page_ratio']}: {verdict(ratio >= TARGETS['page_ratio'])}")
-        errors = f"  (ours non-2xx {ours['non2xx']})" if ours["non2xx"] else ""
-        out.append(f"{name:24}{r['bytes']:8d}{bare['rps']:12.1f}{ours['rps']:12.1f}{ratio:7.2f}{ours['p50_ms']:10.2f}"
-                   f"{ours['p99_ms']:10.2f}{bare['p99_ms']:10.2f}  {target}{errors}")
+        return (f"{name:22}{size:>7}{bare['rps']:9.1f}{ours['rps']:9.1f}{ours['rps'] / bare['rps']:6.2f}"
+                f"{cost_ratio(bare, ours):6.2f}{ours['p50_ms']:9.2f}{ours['p99_ms']:9.2f}{bare['p99_ms']:9.2f}"
+                f"{ours['cpu_us_per_req']:7.0f}{ours['cpu_other']:6.2f}  {target}"
+                + (f"  (ours non-2xx {ours['non2xx']})" if ours["non2xx"] else ""))
+
+    for name in [f"page {f}" for f in PAGE_FILTERS]:
+        if name in results:
+            r = results[name]
+            ratio = r["ours"]["rps"] / r["bare"]["rps"]
+            out.append(line(name, r["bytes"], r, f"p99 <= {TARGETS['page_p99_ms']:.0f} ms: "
+                            f"{verdict(r['ours']['p99_ms'] <= TARGETS['page_p99_ms'])}; ratio >= {TARGETS['page_ratio']}:"
+                            f" {verdict(ratio >= TARGETS['page_ratio'])}"))
     if "stats" in results:
-        largest = results["stats"]["largest_ms"]
-        out.append(f"{'stats, C0001 alone':24}{'':8}{'':12}{'':12}{'':7}{largest['p50']:10.2f}{largest['max']:>10.2f}"
-                   f"{'':10}  (sequential; max shown as p99)")
+        r = results["stats"]
+        out.append(line("stats", r["bytes"], r, f"p99 <= {TARGETS['stats_p99_ms']:.0f} ms: "
+                        f"{verdict(r['ours']['p99_ms'] <= TARGETS['stats_p99_ms'])}"))
+        largest = r["largest_ms"]
+        out.append(f"{'stats, C0001 alone':22}{'':7}{'':9}{'':9}{'':6}{'':6}{largest['p50']:9.2f}{largest['max']:9.2f}"
+                   f"  (20 sequential requests; max in the p99 column)")
     for mode in ("clinic", "mixed"):
-        r = results.get(f"batch {mode}")
-        if r:
-            ours, bare = r["ours"], r["bare"]
-            out.append(f"{'batch 1000, ' + mode:24}{'':8}{bare['rps']:12.1f}{ours['rps']:12.1f}"
-                       f"{ours['rps'] / bare['rps']:7.2f}{ours['p50_ms']:10.2f}{ours['p99_ms']:10.2f}{bare['p99_ms']:10.2f}"
-                       f"  ours {ours['rps'] * 1000:,.0f} records/s, target >= {TARGETS['batch_records_s']:,}:"
-                       f" {verdict(ours['rps'] * 1000 >= TARGETS['batch_records_s'])}")
-    r = results.get("export")
-    if r:
+        if f"batch {mode}" in results:
+            r = results[f"batch {mode}"]
+            records_s = r["ours"]["rps"] * 1000
+            out.append(line(f"batch 1000, {mode}", "", r, f"ours {records_s:,.0f} records/s; >= "
+                            f"{TARGETS['batch_records_s']:,}: {verdict(records_s >= TARGETS['batch_records_s'])}"))
+    if "export" in results:
+        r = results["export"]
         ok = r["ours"]["records_s"] >= TARGETS["export_records_s"]
-        out.append(f"{'export C0001':24}{'':8}{'':12}{'':12}{r['ours']['records_s'] / r['bare']['records_s']:7.2f}"
-                   f"  ours {r['ours']['records_s']:,.0f} records/s (bare {r['bare']['records_s']:,.0f}),"
-                   f" {r['records']:,} records / {r['bytes'] / 1e6:.0f} MB a run;"
-                   f" target >= {TARGETS['export_records_s']:,}: {verdict(ok)};"
-                   f" worker VmHWM {r['peak_rss_mib_before']:.1f} -> {r['peak_rss_mib_after']:.1f} MiB")
+        out.append(f"{'export C0001':22}  ours {r['ours']['records_s']:,.0f} records/s (bare {r['bare']['records_s']:,.0f}),"
+                   f" {r['records']:,} records / {r['bytes'] / 1e6:.0f} MB a run; >= {TARGETS['export_records_s']:,}:"
+                   f" {verdict(ok)}; ours' workers' VmHWM {r['peak_rss_mib_before']:.1f} -> {r['peak_rss_mib_after']:.1f} MiB")
+    out += ["", "ratio: ours/bare req/s (medians). CPU-r: the CPU-cost ratio, bare/ours server+wrk CPU per request:",
+            "what the ratio would be if both were limited by CPU alone (less sensitive to other load).",
+            "us/req: CPU of ours' gunicorn processes per request. other: median cores used by other processes",
+            f"during ours' runs (noise on a shared machine, {os.cpu_count()} cores in all)."]
     return "\n".join(out)
 
 
@@ -349,6 +358,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="gunicorn workers for both apps (default: the config's)")
     p.add_argument("--scenarios", default="pages,stats,export,batch")
     p.add_argument("--profile", action="store_true", help="profile ours under py-spy during one more batch run")
+    p.add_argument("--quiet-below", type=float, default=0.25, metavar="CORES",
+                   help="before each measured run, wait until other processes use less than this many cores")
+    p.add_argument("--quiet-wait", type=int, default=30, metavar="SECONDS",
+                   help="longest wait for that before running anyway (0: never wait)")
     p.add_argument("--tmpdir", default=None, help="where the working copy of the database and the logs go")
     args = p.parse_args(argv)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]

@@ -1,5 +1,6 @@
-"""Pieces the benchmarks share: wrk, gunicorn servers on free loopback ports, py-spy summaries,
-and the run skeleton that stops every server it started, on errors, Ctrl-C and SIGTERM too."""
+"""Pieces the benchmarks share: wrk runs with the CPU they cost (ours, wrk's, everyone else's),
+gunicorn servers on free loopback ports, py-spy summaries, and the run skeleton that stops
+every server it started, on errors, Ctrl-C and SIGTERM too."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import platform
 import re
+import resource
 import secrets
 import shlex
 import shutil
@@ -72,8 +74,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def loadavg() -> float:
-    return os.getloadavg()[0]
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class CpuSnapshot:
+    busy: int  # machine-wide jiffies, idle/iowait/steal excluded
+    steal: int
+    servers: int  # jiffies of every process in our gunicorn sessions (masters and workers)
+    servers_sys: int  # of which in the kernel
+    children: float  # seconds of reaped children of this process (wrk)
+    wall: float
+
+
+def cpu_snapshot(server_sids: set[int]) -> CpuSnapshot:
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    servers = servers_sys = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        rest = stat[stat.rfind(")") + 2:].split()
+        if int(rest[3]) in server_sids:  # session id: each gunicorn runs in a session of its own
+            servers += int(rest[11]) + int(rest[12])
+            servers_sys += int(rest[12])
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return CpuSnapshot(user + nice + system + irq + softirq, steal, servers, servers_sys, ru.ru_utime + ru.ru_stime,
+                       time.monotonic())
+
+
+def cpu_use(before: CpuSnapshot, after: CpuSnapshot) -> dict:
+    """Average cores used during a run: by our servers, by wrk, by everything else on the
+    machine (the noise of a shared machine), and stolen by the hypervisor."""
+    wall = after.wall - before.wall
+    servers = (after.servers - before.servers) / _TICK / wall  # the idle server's share is ~0
+    wrk = (after.children - before.children) / wall
+    busy = (after.busy - before.busy) / _TICK / wall
+    sys_share = (after.servers_sys - before.servers_sys) / max(1, after.servers - before.servers)
+    return {"cpu_servers": round(servers, 2), "cpu_servers_sys_share": round(sys_share, 2), "cpu_wrk": round(wrk, 2),
+            "cpu_other": round(max(0.0, busy - servers - wrk), 2),
+            "cpu_steal": round((after.steal - before.steal) / _TICK / wall, 2)}
 
 
 def fs_type(path: Path) -> str:
@@ -178,7 +222,7 @@ def gunicorn_argv(port: int, workers: int, app: str | None) -> list[str]:
 
 def run_wrk(wrk: str, script: Path, url: str, *, threads: int, connections: int, duration: float, timeout: int,
             script_args: Iterable[str] = ()) -> tuple[dict, str]:
-    """One wrk run with a script of ours; its BENCH_RESULT line (see common.lua), and wrk's output.
+    """One wrk run with a script of ours: its BENCH_RESULT line (see common.lua), and wrk's output.
 
     The script's first argument is a fresh 8-hex-digit nonce, so ids it makes never repeat across runs.
     """
@@ -191,6 +235,53 @@ def run_wrk(wrk: str, script: Path, url: str, *, threads: int, connections: int,
     result = json.loads(match.group(1))
     result["socket_errors"] = sum(result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts"))
     return result, out.stdout
+
+
+def wait_for_quiet(sids: set[int], quiet_below: float, quiet_wait: float) -> tuple[float, float]:
+    """Wait (at most `quiet_wait` s) until processes other than ours use less than `quiet_below`
+    cores, measured over one second while our servers are idle; return (seconds waited, last
+    measured other load)."""
+    started = time.monotonic()
+    told = False
+    while True:
+        before = cpu_snapshot(sids)
+        time.sleep(1)
+        other = cpu_use(before, cpu_snapshot(sids))["cpu_other"]
+        waited = time.monotonic() - started - 1
+        if other < quiet_below or waited >= quiet_wait:
+            if told:
+                log(f"    ... waited {waited:.0f}s; other processes now use {other:.2f} cores"
+                    + ("" if other < quiet_below else " (gave up waiting: this run is noisy)"))
+            return waited, other
+        if not told:
+            log(f"    other processes use {other:.2f} cores: waiting up to {quiet_wait}s for less than "
+                f"{quiet_below:g}")
+            told = True
+
+
+def measured_wrk(wrk: str, script: Path, server: Server, all_servers: list[Server], *, quiet_below: float,
+                 quiet_wait: float, **wrk_args) -> tuple[dict, str]:
+    """A measured run: wait for the machine to go quiet, run wrk against `server`, and add the
+    cores used by all our servers, by wrk and by everything else, and CPU per request."""
+    sids = {s.proc.pid for s in all_servers if s.proc}
+    waited, _ = wait_for_quiet(sids, quiet_below, quiet_wait) if quiet_wait > 0 else (0.0, 0.0)
+    before = cpu_snapshot(sids)
+    result, output = run_wrk(wrk, script, server.url, **wrk_args)
+    result.update(cpu_use(before, cpu_snapshot(sids)))
+    result["cpu_us_per_req"] = round(result["cpu_servers"] * 1e6 / result["rps"], 1) if result["rps"] else 0.0
+    result["wrk_cpu_us_per_req"] = round(result["cpu_wrk"] * 1e6 / result["rps"], 1) if result["rps"] else 0.0
+    result["quiet_wait_s"] = round(waited, 1)
+    return result, output
+
+
+def run_figures(r: dict) -> str:
+    """One measured run on one line: throughput, latency, errors, and where the CPU went."""
+    errs = f" socket_errors={r['socket_errors']}" if r["socket_errors"] else ""
+    steal = f" steal {r['cpu_steal']:.2f}" if r["cpu_steal"] >= 0.05 else ""
+    return (f"{r['rps']:8.1f} req/s  p50 {r['p50_ms']:6.2f} ms"
+            f"  p99 {r['p99_ms']:6.2f} ms  non-2xx {r['non2xx']}{errs}  | server CPU {r['cpu_us_per_req']:5.0f} us/req;"
+            f" cores: servers {r['cpu_servers']:.2f} ({100 * r['cpu_servers_sys_share']:.0f}% sys)"
+            f" wrk {r['cpu_wrk']:.2f} other {r['cpu_other']:.2f}{steal}")
 
 
 def describe_machine(wrk: str, settings: dict[str, str], workers: int) -> None:
@@ -233,14 +324,17 @@ def run_guarded(servers: list[Server], work: Callable[[], int]) -> int:
 
 # -- profile -----------------------------------------------------------------------------------
 
-def py_spy(server: Server, seconds: int, raw: Path) -> subprocess.Popen:
-    """Start py-spy sampling all of `server`'s workers for `seconds` into `raw` (collapsed stacks)."""
+PY_SPY_NOTE = "250 Hz, non-blocking; samples py-spy counts as not idle, which include waits in socket calls"
+
+
+def py_spy(server: Server, seconds: float, raw: Path) -> subprocess.Popen:
+    """Start py-spy sampling every process of `server` for `seconds` into `raw` (collapsed stacks)."""
     binary = shutil.which("py-spy", path=str(VENV_BIN)) or shutil.which("py-spy")
     if not binary:
         raise BenchError("py-spy is not installed: .venv/bin/pip install py-spy")
     spy = subprocess.Popen([binary, "record", "--pid", str(server.proc.pid), "--subprocesses", "--nolineno",
-                            "--format", "raw", "--rate", "250", "--duration", str(seconds), "--output", str(raw)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            "--format", "raw", "--rate", "250", "--nonblocking", "--duration", str(seconds),
+                            "--output", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(1)  # let py-spy attach before the load starts
     return spy
 
@@ -275,7 +369,7 @@ def _module_group(frame: str) -> str:
 
 def profile_summary(raw: Path, top: int = 20) -> str:
     """Self time by module, then self and inclusive time per function, from py-spy's collapsed
-    stacks (idle excluded, so the shares are of the workers' CPU time)."""
+    stacks (samples py-spy judged idle are not recorded)."""
     inclusive: dict[str, int] = {}
     self_time: dict[str, int] = {}
     total = 0
@@ -296,7 +390,7 @@ def profile_summary(raw: Path, top: int = 20) -> str:
     groups: dict[str, int] = {}
     for frame, n in self_time.items():
         groups[_module_group(frame)] = groups.get(_module_group(frame), 0) + n
-    lines = [f"  {total} on-CPU samples over all workers; self time by module:"]
+    lines = [f"  {total} non-idle samples over all processes; self time by module:"]
     lines += [f"  {100 * n / total:5.1f}%  {g}" for g, n in sorted(groups.items(), key=lambda kv: -kv[1])[:12]]
     by_self = sorted(self_time.items(), key=lambda kv: -kv[1])[:top]
     by_incl = sorted(((f, n) for f, n in inclusive.items() if not _BOOT_FRAMES.search(f)),
