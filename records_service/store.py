@@ -9,6 +9,7 @@ instead of rebuilding and re-encoding every record.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -33,6 +34,14 @@ _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 # commit once it has made CHECKPOINT_EVERY_COMMITS commits and CHECKPOINT_EVERY_S seconds passed.
 CHECKPOINT_EVERY_COMMITS = 100
 CHECKPOINT_EVERY_S = 1.0
+
+# Writers take turns on a file lock (`<database>-writer`) before BEGIN IMMEDIATE. SQLite's own
+# busy handler sleeps 1, 2, 5, 10 ... 100 ms between tries, so under steady writes from several
+# workers most of a write's time was spent asleep after the lock was already free (POST p99
+# ~100-170 ms with the CPU a third idle). Trying the file lock every 50 us, backing off to 1 ms,
+# hands the turn over almost at once; the deadline is still RECORDS_BUSY_TIMEOUT_MS.
+WRITER_PAUSE_FIRST_S = 0.00005
+WRITER_PAUSE_MAX_S = 0.001
 
 # Part of migration 2 (so frozen like it): take OLD out of its clinic_counts group, dropping an
 # emptied group and recomputing first/last when OLD was at an edge. Used by two triggers.
@@ -210,6 +219,7 @@ class Store:
         self._synchronous = synchronous
         self._busy_timeout_ms = busy_timeout_ms
         self._conn: sqlite3.Connection | None = None
+        self._writer_lock: int | None = None  # this process's descriptor of the writers' lock file
         self._pid: int | None = None
         self._file_id: tuple[int, int] | None = None
         self._cursor_secret: bytes | None = None
@@ -228,6 +238,7 @@ class Store:
             self._conn = None
             self._cursor_secret = None
             self._conn = self._open()
+            self._writer_lock = self._open_writer_lock()
             self._pid = os.getpid()
             self._file_id = _file_id(self._path)
         return self._conn
@@ -249,6 +260,14 @@ class Store:
         log.info("database ready", extra={"schema_version": SCHEMA_VERSION})
         return conn
 
+    def _open_writer_lock(self) -> int:
+        try:
+            return os.open(self._path + "-writer", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            self._conn.close()
+            self._conn = None
+            raise StoreUnavailable(f"cannot open the writers' lock file: {exc.strerror}") from exc
+
     def open(self) -> None:
         """Open (and migrate) now rather than at the first request."""
         self._connection()
@@ -256,27 +275,52 @@ class Store:
     def close(self) -> None:
         if self._conn is not None and self._pid == os.getpid():
             self._conn.close()
+            os.close(self._writer_lock)
         self._conn = None
+        self._writer_lock = None
 
     def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run `work` in one BEGIN IMMEDIATE transaction; the only place that begins or commits."""
         conn = self._connection()
+        self._wait_for_writer_turn(time.monotonic() + self._busy_timeout_ms / 1000)
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if _is_busy(exc):
-                log.warning("database busy past %d ms; write refused", self._busy_timeout_ms)
-                raise StoreBusy() from exc
-            raise
-        try:
-            result = work(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            log.info("transaction rolled back")
-            raise
-        self._checkpoint_now_and_then(conn)
+            try:
+                # Waits (busy_timeout) only for a writer outside the service: a shell, a script.
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if _is_busy(exc):
+                    log.warning("database busy past %d ms; write refused", self._busy_timeout_ms)
+                    raise StoreBusy() from exc
+                raise
+            try:
+                result = work(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                log.info("transaction rolled back")
+                raise
+            # Inside the turn: with no writer appending meanwhile the checkpoint completes and the
+            # WAL can start over. Outside it, measured: p99 31 ms instead of ~120, but the WAL kept
+            # growing and throughput fell by a quarter.
+            self._checkpoint_now_and_then(conn)
+        finally:
+            fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
         return result
+
+    def _wait_for_writer_turn(self, deadline: float) -> None:
+        """Take the writers' file lock, trying often (see WRITER_PAUSE_FIRST_S); StoreBusy at the deadline."""
+        pause = WRITER_PAUSE_FIRST_S
+        while True:
+            try:
+                fcntl.flock(self._writer_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                now = time.monotonic()
+                if now >= deadline:
+                    log.warning("another writer held the database past %d ms; write refused", self._busy_timeout_ms)
+                    raise StoreBusy() from None
+                time.sleep(min(pause, deadline - now))
+                pause = min(pause * 2, WRITER_PAUSE_MAX_S)
 
     def _checkpoint_now_and_then(self, conn: sqlite3.Connection) -> None:
         self._commits_since_checkpoint += 1

@@ -1,0 +1,71 @@
+"""How the store writes: writers take turns on a file lock; checkpoints come now and then, not per commit."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import time
+
+import pytest
+
+from records_service import store as store_module
+from records_service.errors import DuplicateRecord, StoreBusy
+from records_service.store import Store
+
+
+def make(test_id: str) -> dict:
+    return {"test_id": test_id, "clinic_id": "C1", "patient_id": "P1", "test_type": "CBC", "result": 1,
+            "unit": None, "status": "final", "collected_at": "2025-05-01T10:00:00Z", "notes": None}
+
+
+def test_sqlites_automatic_checkpoint_is_off_for_the_service(tmp_path):
+    store = Store(str(tmp_path / "r.db"))
+    store.open()
+    assert store._connection().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+
+
+def test_commits_stay_in_the_wal_until_enough_commits_and_time_have_passed(tmp_path):
+    path = tmp_path / "r.db"
+    store = Store(str(path))
+    store.open()
+    sqlite3.connect(path, isolation_level=None).execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    size_before = os.path.getsize(path)
+    store._last_checkpoint -= store_module.CHECKPOINT_EVERY_S  # as if the interval had passed
+    for i in range(store_module.CHECKPOINT_EVERY_COMMITS - 1):
+        store.insert(make(f"t{i}"), request_id="r", now="2025-06-01T00:00:00.000Z")
+    assert os.path.getsize(path) == size_before, "a checkpoint ran before its number of commits"
+
+    store.insert(make("last"), request_id="r", now="2025-06-01T00:00:00.000Z")
+    assert os.path.getsize(path) > size_before, "no checkpoint after the number of commits and the interval"
+
+
+def test_a_writer_waits_for_another_writers_turn_and_is_refused_at_the_bound(tmp_path):
+    path = tmp_path / "r.db"
+    store = Store(str(path), busy_timeout_ms=300)
+    store.open()
+    other_writer = os.open(f"{path}-writer", os.O_RDWR)  # as another worker holding its turn
+    fcntl.flock(other_writer, fcntl.LOCK_EX)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreBusy):
+            store.insert(make("blocked"), request_id="r", now="2025-06-01T00:00:00.000Z")
+        assert time.monotonic() - started >= 0.3
+    finally:
+        fcntl.flock(other_writer, fcntl.LOCK_UN)
+        os.close(other_writer)
+    store.insert(make("blocked"), request_id="r", now="2025-06-01T00:00:00.000Z")
+    assert store.count() == 1
+
+
+def test_the_turn_is_given_back_after_a_failed_write(tmp_path):
+    path = tmp_path / "r.db"
+    store = Store(str(path), busy_timeout_ms=300)
+    store.insert(make("a"), request_id="r", now="2025-06-01T00:00:00.000Z")
+    with pytest.raises(DuplicateRecord):
+        store.insert(make("a"), request_id="r", now="2025-06-01T00:00:00.000Z")  # a duplicate
+    probe = os.open(f"{path}-writer", os.O_RDWR)
+    try:
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the store still held it
+    finally:
+        os.close(probe)
