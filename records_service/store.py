@@ -414,10 +414,6 @@ class Store:
         log.info("committed", extra={"test_id": test_id, "version": stored.version, "action": action})
         return stored
 
-    def list_clinic_json(self, clinic_id: str) -> tuple[str, int]:
-        """The clinic's records, oldest ingested first, as a JSON array text and its length."""
-        return _json_array(self._read("SELECT doc FROM records WHERE clinic_id = ? ORDER BY seq", (clinic_id,)))
-
     def current(self, test_id: str) -> Stored | None:
         rows = self._read("SELECT clinic_id, version, doc FROM records WHERE test_id = ?", (test_id,))
         return Stored(*rows[0]) if rows else None
@@ -537,10 +533,6 @@ class Store:
         if self._cursor_secret is None:
             self._cursor_secret = self._read("SELECT value FROM meta WHERE key = 'cursor_secret'")[0][0]
         return self._cursor_secret
-
-    def get(self, test_id: str) -> dict | None:
-        rows = self._read("SELECT doc FROM records WHERE test_id = ?", (test_id,))
-        return json.loads(rows[0][0]) if rows else None
 
     def count(self) -> int:
         return self._read("SELECT count(*) FROM records")[0][0]
