@@ -247,6 +247,19 @@ class Store:
         try:
             # isolation_level=None: no implicit transactions; _write says BEGIN and COMMIT itself.
             conn = sqlite3.connect(self._path, isolation_level=None, timeout=self._busy_timeout_ms / 1000)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open database: {exc}") from exc
+        try:
+            self._prepare(conn)
+        except BaseException:
+            conn.close()  # a half-prepared connection is retried from scratch at the next request
+            raise
+        log.info("database ready", extra={"schema_version": SCHEMA_VERSION})
+        return conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """Settings and migrations for a new connection; StoreBusy or StoreUnavailable when they fail."""
+        try:
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
             if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
                 raise StoreUnavailable("the database could not be switched to WAL mode")
@@ -257,8 +270,6 @@ class Store:
             if _is_busy(exc):
                 raise StoreBusy() from exc
             raise StoreUnavailable(f"cannot open database: {exc}") from exc
-        log.info("database ready", extra={"schema_version": SCHEMA_VERSION})
-        return conn
 
     def _open_writer_lock(self) -> int:
         try:
