@@ -11,7 +11,6 @@ import logging.config
 import os
 import sys
 import time
-from datetime import datetime, timezone
 
 from . import keys, store
 from .app import utc_now
@@ -19,10 +18,9 @@ from .config import ConfigError, Settings, load_dotenv_file, load_settings
 from .errors import StoreBusy, StoreUnavailable
 from .logs import logging_config
 from .seed import ProgressBar, seed_rows
-from .resources import utc_millis
 from .store import Store
 from .trace import entries_of, timeline
-from .validate import check_id
+from .validate import check_id, utc_millis
 
 MAX_KEY_NAME_CHARS = 100
 
@@ -100,7 +98,7 @@ def _store(settings: Settings) -> Store:
 
 
 def _now() -> str:
-    return utc_millis(datetime.now(timezone.utc))
+    return utc_millis(utc_now())
 
 
 def _clinic(value: str) -> str:

@@ -18,9 +18,9 @@ import falcon
 from .access import Principal, clinic_forbidden
 from .errors import Problem, duplicate_record, invalid_parameter, invalid_record, malformed_json, problem_fields
 from .logs import request_id_var
-from .resources import JSON, clinic_query, media_type, query_params, read_body, utc_millis
+from .resources import JSON, clinic_query, media_type, query_params, read_body
 from .store import Store
-from .validate import (InvalidBatch, MalformedJSON, check_id, client_fields, parse_batch, validate_record)
+from .validate import InvalidBatch, MalformedJSON, check_id, client_fields, parse_batch, utc_millis, validate_record
 
 log = logging.getLogger("records_service.http")
 

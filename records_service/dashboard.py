@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from html import escape
 
 from . import __version__
+from .validate import utc_millis
 
 CHART_HOURS = 7 * 24
 TOP_CLINICS = 100
@@ -104,7 +105,7 @@ def _overview(view: DashboardView) -> str:
     ]
     cells = "".join(f'<div class="tile" id="{name}"><div class="label">{escape(label)}</div>'
                     f'<div class="value">{escape(value)}</div></div>' for name, label, value in tiles)
-    since = view.started_at.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    since = utc_millis(view.started_at)
     return (f'<section class="tiles">{cells}</section>'
             f'<p class="sub">Serving since <time id="started-at" datetime="{since}">{_iso(view.started_at)}</time>.</p>')
 

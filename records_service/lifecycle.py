@@ -15,9 +15,9 @@ from typing import Callable
 import falcon
 
 from .errors import Problem
-from .resources import JSON, read_json, require_valid, utc_millis
+from .resources import JSON, read_json, require_valid
 from .store import Store, Stored
-from .validate import check_id, validate_correction
+from .validate import check_id, utc_millis, validate_correction
 
 # RFC 9110 entity-tag: [W/] DQUOTE *etagc DQUOTE, etagc = %x21 / %x23-7E / obs-text.
 _TAG = r'(?:W/)?"[\x21\x23-\x7e\x80-\xff]*"'

@@ -18,9 +18,9 @@ import falcon
 
 from . import dashboard
 from .errors import PROBLEM_JSON, Problem, StoreBusy, StoreUnavailable
-from .resources import utc_millis
 from .runtime import FailureLog, Runtime
 from .store import Store
+from .validate import utc_millis
 
 log = logging.getLogger("records_service.operations")
 

@@ -14,7 +14,8 @@ from .access import clinic_forbidden
 from .errors import (DuplicateRecord, Problem, duplicate_record, invalid_parameter, invalid_parameters,
                      invalid_record, malformed_json)
 from .store import Store
-from .validate import FILTERS, MalformedJSON, client_fields, parse_json, validate_list_query, validate_record
+from .validate import (FILTERS, MalformedJSON, client_fields, parse_json, utc_millis, validate_list_query,
+                       validate_record)
 
 log = logging.getLogger("records_service.http")
 
@@ -66,10 +67,6 @@ def require_valid(checked: tuple[dict | None, list[dict]]) -> dict:
         log.info("record rejected", extra={"error_count": len(errors)})
         raise invalid_record(errors)
     return record
-
-
-def utc_millis(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def query_params(req: falcon.Request, allowed: set[str], required: set[str]) -> dict[str, str]:

@@ -20,6 +20,8 @@ from datetime import datetime, timedelta
 from itertools import accumulate
 from typing import Callable, Iterator, TextIO
 
+from .validate import utc_millis
+
 ZIPF_EXPONENT = 0.9
 TESTS_PER_PATIENT = 8
 CHUNK_ROWS = 10_000
@@ -93,7 +95,7 @@ def seed_rows(records: int, clinics: int, now: datetime, *, rng_seed: int | None
     rng = random.Random(rng_seed)
     run = run or secrets.token_hex(3)
     request_id = f"seed-{run}"
-    stamp = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    stamp = utc_millis(now)
     tail = f', "created_at": "{stamp}", "updated_at": "{stamp}", "version": 1, "request_id": "{request_id}"}}'
     ids = clinic_ids(clinics)
     weights = clinic_weights(clinics)

@@ -233,6 +233,11 @@ def _parse_instant(value: Any) -> tuple[datetime | None, str | None, str | None]
     return utc, normalised, None
 
 
+def utc_millis(moment: datetime) -> str:
+    """An aware UTC datetime as the service writes its own times: RFC 3339, milliseconds, `Z`."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
 def timestamp_sort_key(normalised: str) -> str:
     """A fixed-width form of a normalised UTC timestamp, so text order is time order."""
     base, _, rest = normalised.rstrip("Z").partition(".")
