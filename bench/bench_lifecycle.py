@@ -8,8 +8,10 @@ One run on this machine:
   1. installs wrk (`apt-get install -y wrk`) when it is missing;
   2. pre-fills a temporary database with 1,000 clinics x --per-clinic records through
      Store.insert (common.prefill), copies it with SQLite's backup API and, in the copy only,
-     drops the two triggers that write history (records_keep_created, records_keep_changed):
-     "no-history" is the very same service on the same data, storing only the current version;
+     drops what keeps history (the trigger records_keep_superseded, which copies a version into
+     record_versions when a correction supersedes it, and the index records_by_request, which
+     /audit reads current versions by): "no-history" is the very same service on the same data,
+     storing only the current version;
   3. starts the service on each database (`gunicorn -c gunicorn.conf.py`, INFO logs to a file,
      auth off, the same settings), each on a free loopback port;
   4. POST /tests (post_tests.lua) and PUT /tests/{id} (put_record.lua: every request corrects a
@@ -38,15 +40,15 @@ from common import (BENCH_DIR, Run, Server, clean_env, free_port, gunicorn_argv,
 # Scenario name -> Lua script (POST: bench_core's; PUT1 and GET1: one record by id).
 SCRIPTS = {"POST": BENCH_DIR / "post_tests.lua", "PUT1": BENCH_DIR / "put_record.lua",
            "GET1": BENCH_DIR / "get_record.lua"}
-HISTORY_TRIGGERS = ("records_keep_created", "records_keep_changed")
+WITHOUT_HISTORY = ("DROP TRIGGER records_keep_superseded", "DROP INDEX records_by_request")
 
 
 def without_history(db_path: Path, copy_path: Path) -> None:
-    """A consistent copy of the database with the history triggers dropped (bench only)."""
+    """A consistent copy of the database without what keeps history (bench only)."""
     with sqlite3.connect(db_path) as src, sqlite3.connect(copy_path) as dst:
         src.backup(dst)
-        for trigger in HISTORY_TRIGGERS:
-            dst.execute(f"DROP TRIGGER {trigger}")
+        for statement in WITHOUT_HISTORY:
+            dst.execute(statement)
     src.close()
     dst.close()
 

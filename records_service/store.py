@@ -59,6 +59,10 @@ _V2_UNCOUNT_OLD = """
                 AND OLD.collected_at IN (first_collected_at, last_collected_at);
 """
 
+# Part of migration 6 (so frozen like it), and of the audit query: what writing a version was.
+_V6_ACTION = ("CASE WHEN {row}.version = 1 THEN 'create' WHEN {row}.status = 'entered-in-error' THEN 'void'"
+              " ELSE 'correct' END")
+
 # Version N's script moves the schema from N-1 to N. Never edit one that has shipped: add one.
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -195,6 +199,22 @@ MIGRATIONS: dict[int, str] = {
             ON CONFLICT (hour) DO UPDATE SET total = total + 1;
     END;
     """,
+    # History keeps a version when it is superseded, not when it is written: the current
+    # version is the records row itself, so creating a record writes it once, not twice (the
+    # copy and its two indexes were about a third of a POST: measured 205 -> 170 us in-process).
+    # Audit finds current versions through a request index on records. Superseded versions
+    # are still append-only; copies made before this migration of versions still current stay
+    # where they are, and the queries read a version from history only once it is superseded.
+    6: """
+    CREATE INDEX records_by_request ON records (request_id);
+    DROP TRIGGER records_keep_created;
+    DROP TRIGGER records_keep_changed;
+    CREATE TRIGGER records_keep_superseded AFTER UPDATE ON records
+    WHEN NOT EXISTS (SELECT 1 FROM record_versions WHERE test_id = OLD.test_id AND version = OLD.version) BEGIN
+        INSERT INTO record_versions (test_id, version, action, request_id, at, doc)
+        VALUES (OLD.test_id, OLD.version, {action}, OLD.request_id, OLD.updated_at, OLD.doc);
+    END;
+    """.format(action=_V6_ACTION.format(row="OLD")),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -431,14 +451,16 @@ class Store:
 
     def history_json(self, test_id: str) -> tuple[str, int]:
         """Every version of a record, oldest first, as a JSON array text and its length."""
-        return _json_array(self._read("SELECT doc FROM record_versions WHERE test_id = ? ORDER BY version", (test_id,)))
+        rows = self._read(_HISTORY_SQL, (test_id,))
+        return "[" + ",".join(doc for _, doc in rows) + "]", len(rows)
 
     def audit(self, request_id: str) -> list[dict]:
-        """What one request wrote, in the order it wrote it, with each record's clinic."""
-        rows = self._read(
-            "SELECT v.test_id, v.version, v.action, v.at, r.clinic_id FROM record_versions AS v"
-            " JOIN records AS r ON r.test_id = v.test_id WHERE v.request_id = ? ORDER BY v.rowid", (request_id,))
-        return [{"test_id": t, "version": v, "action": a, "at": at, "clinic_id": c} for t, v, a, at, c in rows]
+        """What one request wrote, in the order it wrote it, with each record's clinic.
+
+        A request writes one version of one record, or creates records in seq order (a batch),
+        so (seq, version) order is write order."""
+        rows = self._read(_AUDIT_SQL, (request_id,))
+        return [{"test_id": t, "version": v, "action": a, "at": at, "clinic_id": c} for t, v, a, at, c, _ in rows]
 
     def insert_batch(self, records: list[dict], *, request_id: str, now: str, atomic: bool) -> dict[str, dict]:
         """Store new records (valid, distinct test_ids) in one transaction, in their order.
@@ -775,6 +797,18 @@ class _NothingStored(Exception):
         self.existing = existing
 
 
+# A record's versions: those superseded, from history, then the current one (migration 6).
+_HISTORY_SQL = (
+    "SELECT v.version, v.doc FROM record_versions AS v JOIN records AS r ON r.test_id = v.test_id"
+    " WHERE v.test_id = ?1 AND v.version < r.version"
+    " UNION ALL SELECT version, doc FROM records WHERE test_id = ?1 ORDER BY 1"
+)
+_AUDIT_SQL = (
+    "SELECT v.test_id, v.version, v.action, v.at, r.clinic_id, r.seq FROM record_versions AS v"
+    " JOIN records AS r ON r.test_id = v.test_id WHERE v.request_id = ?1 AND v.version < r.version"
+    f" UNION ALL SELECT test_id, version, {_V6_ACTION.format(row='records')}, updated_at, clinic_id, seq"
+    " FROM records WHERE request_id = ?1 ORDER BY 6, 2"
+)
 _STATS_SQL = ("SELECT test_type, status, records, first_collected_at, last_collected_at FROM clinic_counts"
               " WHERE clinic_id = ?")
 _COUNT_SQL = (
@@ -865,11 +899,6 @@ def _stored_doc(record: dict, *, created_at: str, updated_at: str, version: int,
     stored = {**record, "created_at": created_at, "updated_at": updated_at, "version": version,
               "request_id": request_id}
     return json.dumps(stored, ensure_ascii=False)
-
-
-def _json_array(rows: list[tuple]) -> tuple[str, int]:
-    """Stored JSON documents (first column) joined into one array text, and how many."""
-    return "[" + ",".join(row[0] for row in rows) + "]", len(rows)
 
 
 def migrate(conn: sqlite3.Connection, upto: int = SCHEMA_VERSION) -> None:

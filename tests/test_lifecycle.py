@@ -303,11 +303,12 @@ class TestTriggers:
         "DELETE FROM record_versions",
         "UPDATE record_versions SET doc = '{}'",
     ])
-    def test_records_are_never_deleted_and_versions_never_rewritten(self, client, conn, created, sql):
+    def test_records_are_never_deleted_and_versions_never_rewritten(self, client, conn, created, corrected, sql):
+        assert conn.execute("SELECT count(*) FROM record_versions").fetchone()[0] == 1  # version 1, superseded
         with pytest.raises(sqlite3.IntegrityError):
             conn.execute(sql)
-        assert history(client, "T-0001") == [created]
-        assert client.simulate_get("/tests/T-0001").json == created
+        assert history(client, "T-0001") == [created, corrected]
+        assert client.simulate_get("/tests/T-0001").json == corrected
 
 
 class TestMigration:
@@ -333,6 +334,41 @@ class TestMigration:
         resp = put(client, "old-1", {**record, "test_id": "old-1", "result": 1}, '"1"', "req-new")
         assert resp.json["version"] == 2 and resp.json["created_at"] == old[1]["created_at"]
         assert [v["version"] for v in history(client, "old-1")] == [1, 2]
+
+    def test_from_schema_5_history_and_audit_read_the_same_and_history_goes_on(self, tmp_path, record, clock,
+                                                                             monkeypatch):
+        """Schema 6 keeps a version in history when it is superseded; schema 5 copied every version
+        when it was written. Those copies stay, and are neither listed twice nor copied again."""
+        settings = Settings(db_path=str(tmp_path / "v5.db"), auth="disabled")
+
+        def audit(client, request_id):
+            return [(w["test_id"], w["version"], w["action"]) for w in client.simulate_get(f"/audit/{request_id}").json]
+
+        with monkeypatch.context() as schema_5:
+            schema_5.delitem(store_module.MIGRATIONS, 6)
+            old = falcon.testing.TestClient(create_app(settings, clock=clock))
+            a1 = post(old, {**record, "test_id": "A"}, {"X-Request-ID": "req-a"}).json
+            b1 = post(old, {**record, "test_id": "B"}, {"X-Request-ID": "req-b"}).json
+            b2 = put(old, "B", {**record, "test_id": "B", "result": 2}, '"1"', "req-b2").json
+            b3 = delete(old, "B", '"2"', "req-b3").json
+        conn = sqlite3.connect(settings.db_path, isolation_level=None)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert conn.execute("SELECT count(*) FROM record_versions").fetchone()[0] == 4
+
+        client = falcon.testing.TestClient(create_app(settings, clock=clock))
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 6
+        assert history(client, "A") == [a1]
+        assert history(client, "B") == [b1, b2, b3]
+        assert [audit(client, r) for r in ("req-a", "req-b", "req-b2", "req-b3")] == [
+            [("A", 1, "create")], [("B", 1, "create")], [("B", 2, "correct")], [("B", 3, "void")]]
+
+        a2 = put(client, "A", {**record, "test_id": "A", "result": 3}, '"1"', "req-a2").json
+        c1 = post(client, {**record, "test_id": "C"}, {"X-Request-ID": "req-c"}).json
+        assert history(client, "A") == [a1, a2] and history(client, "C") == [c1]
+        assert audit(client, "req-a") == [("A", 1, "create")] and audit(client, "req-a2") == [("A", 2, "correct")]
+        assert conn.execute("SELECT count(*) FROM record_versions").fetchone()[0] == 4, \
+            "A's version 1 was copied again, or C's current version was copied"
+        conn.close()
 
 
 @pytest.mark.parametrize("value, versions", [
