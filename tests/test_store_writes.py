@@ -1,10 +1,12 @@
-"""How the store writes: writers take turns on a file lock; checkpoints come now and then, not per commit."""
+"""How the store writes: writers take turns on a file lock; checkpoints come now and then, not per commit,
+and mostly outside a writer's turn."""
 
 from __future__ import annotations
 
 import fcntl
 import os
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -38,6 +40,37 @@ def test_commits_stay_in_the_wal_until_enough_commits_and_time_have_passed(tmp_p
 
     store.insert(make("last"), request_id="r", now="2025-06-01T00:00:00.000Z")
     assert os.path.getsize(path) > size_before, "no checkpoint after the number of commits and the interval"
+
+
+def test_a_checkpoint_that_gets_no_turn_still_copies_and_never_fails_the_committed_write(tmp_path):
+    path = tmp_path / "r.db"
+    store = Store(str(path), busy_timeout_ms=200)
+    store.open()
+    sqlite3.connect(path, isolation_level=None).execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    size_before = os.path.getsize(path)
+    for i in range(store_module.CHECKPOINT_EVERY_COMMITS - 1):
+        store.insert(make(f"t{i}"), request_id="r", now="2025-06-01T00:00:00.000Z")
+    store._last_checkpoint -= store_module.CHECKPOINT_EVERY_S
+    other_writer = os.open(f"{path}-writer", os.O_RDWR)
+    holding, release = threading.Event(), threading.Event()
+
+    def take_the_next_turn_and_keep_it():
+        fcntl.flock(other_writer, fcntl.LOCK_EX)  # blocks until the store gives its turn back
+        holding.set()
+        release.wait(10)
+        fcntl.flock(other_writer, fcntl.LOCK_UN)
+
+    def insert_then_let_the_other_writer_in(conn):
+        store_module._insert_row(conn, make("last"), "r", "2025-06-01T00:00:00.000Z")
+        threading.Thread(target=take_the_next_turn_and_keep_it).start()
+
+    try:
+        store._write(insert_then_let_the_other_writer_in)  # commits, then checkpoints: must not raise
+        assert holding.wait(5), "the other writer never got the turn"
+        assert os.path.getsize(path) > size_before, "the WAL was not copied"
+    finally:
+        release.set()
+    assert store.count() == store_module.CHECKPOINT_EVERY_COMMITS
 
 
 def test_a_writer_waits_for_another_writers_turn_and_is_refused_at_the_bound(tmp_path):
