@@ -12,6 +12,7 @@ import pytest
 from records_service import store
 from records_service.store import Store, _insert_row, _statements, migrate
 from tests.live import REPO
+from tests.old_schemas import insert_as_schemas_2_to_6
 
 
 def make(test_id: str, clinic_id: str = "C001") -> dict:
@@ -68,7 +69,7 @@ def test_migration_5_counts_the_records_an_older_schema_already_holds(tmp_path):
     conn = sqlite3.connect(path, isolation_level=None)
     migrate(conn, upto=4)  # the schema before the counters
     for n, clinic in enumerate(["C001", "C001", "C002"]):
-        _insert_row(conn, make(f"t{n}", clinic), "r", f"2025-06-01T0{n}:00:00.000Z")
+        insert_as_schemas_2_to_6(conn, make(f"t{n}", clinic), "r", f"2025-06-01T0{n}:00:00.000Z")
     migrate(conn)
     conn.close()
     assert counters(path) == ({"C001": 2, "C002": 1},
@@ -76,6 +77,18 @@ def test_migration_5_counts_the_records_an_older_schema_already_holds(tmp_path):
     _insert_row(sqlite3.connect(path, isolation_level=None), make("later", "C002"), "r", "2025-06-01T02:10:00.000Z")
     assert counters(path)[0] == {"C001": 2, "C002": 2}
 
+
+
+def test_from_schema_7_the_store_counts_each_insert_once_where_the_trigger_did(tmp_path):
+    path = tmp_path / "v6.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, upto=6)  # hourly_ingest kept by migration 5's trigger
+    insert_as_schemas_2_to_6(conn, make("t0"), "r", "2025-06-01T00:10:00.000Z")
+    migrate(conn)
+    assert "records_counted" not in {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+    _insert_row(conn, make("t1", "C002"), "r", "2025-06-01T00:20:00.000Z")
+    conn.close()
+    assert counters(path) == ({"C001": 1, "C002": 1}, {"2025-06-01T00": 2})
 
 # -- check -----------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from records_service.config import Settings
 from records_service.errors import VersionMismatch
 from records_service.lifecycle import versions_named
 from records_service.store import Store
+from tests.old_schemas import insert_as_schemas_2_to_6
 from tests.test_api import assert_problem, post
 
 
@@ -318,7 +319,7 @@ class TestMigration:
         store_module.migrate(conn, upto=2)  # the schema before this migration
         assert "record_versions" not in {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         conn.execute("BEGIN")
-        old = [json.loads(store_module._insert_row(conn, {**record, "test_id": f"old-{i}"}, f"req-old-{i}",
+        old = [json.loads(insert_as_schemas_2_to_6(conn, {**record, "test_id": f"old-{i}"}, f"req-old-{i}",
                                                    f"2025-01-0{i + 1}T00:00:00.000Z")) for i in range(3)]
         conn.execute("COMMIT")
         conn.close()
@@ -345,7 +346,9 @@ class TestMigration:
             return [(w["test_id"], w["version"], w["action"]) for w in client.simulate_get(f"/audit/{request_id}").json]
 
         with monkeypatch.context() as schema_5:
-            schema_5.delitem(store_module.MIGRATIONS, 6)
+            # Today's code on a schema-5 file: its writes differ from schema 5's code only in
+            # counting hourly_ingest (twice here), which this test does not look at.
+            schema_5.setattr(store_module, "MIGRATIONS", {v: m for v, m in store_module.MIGRATIONS.items() if v <= 5})
             old = falcon.testing.TestClient(create_app(settings, clock=clock))
             a1 = post(old, {**record, "test_id": "A"}, {"X-Request-ID": "req-a"}).json
             b1 = post(old, {**record, "test_id": "B"}, {"X-Request-ID": "req-b"}).json
@@ -356,7 +359,7 @@ class TestMigration:
         assert conn.execute("SELECT count(*) FROM record_versions").fetchone()[0] == 4
 
         client = falcon.testing.TestClient(create_app(settings, clock=clock))
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 6
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
         assert history(client, "A") == [a1]
         assert history(client, "B") == [b1, b2, b3]
         assert [audit(client, r) for r in ("req-a", "req-b", "req-b2", "req-b3")] == [
