@@ -251,6 +251,7 @@ class Store:
         self._cursor_secret: bytes | None = None
         self._commits_since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
+        self._checkpoint_to_finish = False  # see _checkpoint_now_and_then
 
     # -- connection and schema -------------------------------------------------------------
 
@@ -319,7 +320,9 @@ class Store:
     def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run `work` in one BEGIN IMMEDIATE transaction; the only place that begins or commits."""
         conn = self._connection()
-        self._wait_for_writer_turn(time.monotonic() + self._busy_timeout_ms / 1000)
+        if not self._take_writer_turn(time.monotonic() + self._busy_timeout_ms / 1000):
+            log.warning("another writer held the database past %d ms; write refused", self._busy_timeout_ms)
+            raise StoreBusy()
         try:
             try:
                 # Waits (busy_timeout) only for a writer outside the service: a shell, a script.
@@ -336,35 +339,36 @@ class Store:
                 conn.execute("ROLLBACK")
                 log.info("transaction rolled back")
                 raise
+            if self._checkpoint_to_finish:
+                self._checkpoint_to_finish = False
+                _checkpoint(conn)
         finally:
             fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
         self._checkpoint_now_and_then(conn)
         return result
 
-    def _wait_for_writer_turn(self, deadline: float) -> None:
-        """Take the writers' file lock, trying often (see WRITER_PAUSE_FIRST_S); StoreBusy at the deadline."""
+    def _take_writer_turn(self, deadline: float) -> bool:
+        """Take the writers' file lock, trying often (see WRITER_PAUSE_FIRST_S); False at the deadline."""
         pause = WRITER_PAUSE_FIRST_S
         while True:
             try:
                 fcntl.flock(self._writer_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
+                return True
             except BlockingIOError:
                 now = time.monotonic()
                 if now >= deadline:
-                    log.warning("another writer held the database past %d ms; write refused", self._busy_timeout_ms)
-                    raise StoreBusy() from None
+                    return False
                 time.sleep(min(pause, deadline - now))
                 pause = min(pause * 2, WRITER_PAUSE_MAX_S)
 
     def _checkpoint_now_and_then(self, conn: sqlite3.Connection) -> None:
         """Copy the WAL into the database once enough commits and time have passed, in two steps.
 
-        The bulk of the copy, and its fsync, runs while other writers carry on (~100 ms of
-        writes under load, which inside a writer's turn stalled every writer: POST p99 ~110 ms).
-        Writers append meanwhile, so the WAL could never start over; a second checkpoint inside
-        a turn copies just what they appended, and the next writer can restart the WAL. The
-        write is committed already: when no turn comes within the busy bound, the second step
-        is left to the next checkpoint.
+        The bulk of the copy, and its fsync, runs here, after the turn was given back, while
+        other writers carry on (inside the turn, ~100 ms under load, it stalled every writer:
+        POST p99 ~110 ms). Writers append meanwhile, so the WAL could never start over: this
+        process's next write, still inside its turn, copies just what they appended, and the
+        writer after it can restart the WAL.
         """
         self._commits_since_checkpoint += 1
         now = time.monotonic()
@@ -372,15 +376,8 @@ class Store:
             return
         self._commits_since_checkpoint = 0
         self._last_checkpoint = now
-        try:
-            _checkpoint(conn)
-            self._wait_for_writer_turn(time.monotonic() + self._busy_timeout_ms / 1000)
-        except StoreBusy:
-            return
-        try:
-            _checkpoint(conn)
-        finally:
-            fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
+        _checkpoint(conn)
+        self._checkpoint_to_finish = True
 
     def _read(self, sql: str, params: Iterable = ()) -> list[tuple]:
         try:
