@@ -2,7 +2,7 @@
 single-record read and a correction sustain.
 
     .venv/bin/python bench/bench_lifecycle.py [--duration 10] [--connections 16] [--threads 2]
-                                              [--workers N] [--rounds 3] [--per-clinic 100]
+                                              [--workers N] [--rounds 3] [--per-clinic 200]
 
 One run on this machine:
   1. installs wrk (`apt-get install -y wrk`) when it is missing;
@@ -86,8 +86,9 @@ def report(runs: list[Run], args: argparse.Namespace) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = load_arguments(__doc__, "history/no-history")
-    p.add_argument("--per-clinic", type=int, default=records_gen.RECORDS_PER_CLINIC,
-                   help="pre-filled records per clinic (1,000 clinics); PUT needs enough for every run")
+    p.add_argument("--per-clinic", type=int, default=200,
+                   help="pre-filled records per clinic (1,000 clinics); PUT corrects each once, so each "
+                        "of the --rounds + 1 runs needs as many as it makes PUTs (~30,000 in 10 s)")
     p.add_argument("--tmpdir", default=None, help="where the temporary databases and server logs go")
     return parse_load_arguments(p, argv)
 
