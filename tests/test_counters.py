@@ -78,7 +78,6 @@ def test_migration_5_counts_the_records_an_older_schema_already_holds(tmp_path):
     assert counters(path)[0] == {"C001": 2, "C002": 2}
 
 
-
 def test_from_schema_7_the_store_counts_each_insert_once_where_the_trigger_did(tmp_path):
     path = tmp_path / "v6.db"
     conn = sqlite3.connect(path, isolation_level=None)
@@ -89,6 +88,7 @@ def test_from_schema_7_the_store_counts_each_insert_once_where_the_trigger_did(t
     _insert_row(conn, make("t1", "C002"), "r", "2025-06-01T00:20:00.000Z")
     conn.close()
     assert counters(path) == ({"C001": 1, "C002": 1}, {"2025-06-01T00": 2})
+
 
 # -- check -----------------------------------------------------------------------------------
 
