@@ -33,8 +33,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import records_gen
-from common import (BenchError, Server, clean_env, free_port, gunicorn_argv, load_arguments, log, parse_load_arguments,
-                    run_benchmark, server_settings)
+from common import BenchError, Server, clean_env, free_port, gunicorn_argv, log, run_benchmark, server_settings
 from records_service.store import Store, _insert_row  # common put the repository on sys.path
 from records_service.validate import validate_record
 
@@ -135,12 +134,18 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = load_arguments(__doc__, "scan")
+    """Its own options only: nothing here runs wrk, so the other benchmarks' load options do not apply."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3, help="timings of each scan; the median is reported")
     p.add_argument("--records", type=int, default=1_000_000, help="records GET / is timed at (fewer: a quick run)")
     p.add_argument("--clinics", type=int, default=1000, help="clinics the records are spread over")
     p.add_argument("--requests", type=int, default=60, help="GET / requests timed, after 10 of warm-up")
     p.add_argument("--db", type=Path, help="database file to fill, or to reuse when it already holds the records")
-    return parse_load_arguments(p, argv)
+    p.set_defaults(workers=None)  # server_settings reports gunicorn.conf.py's count; GET / runs on 2 workers
+    args = p.parse_args(argv)
+    if min(args.rounds, args.requests) < 1:
+        p.error("--rounds and --requests must be at least 1")
+    return args
 
 
 def run(args: argparse.Namespace, wrk: str, work_dir: Path, servers: list[Server]) -> int:
