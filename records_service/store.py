@@ -320,18 +320,12 @@ class Store:
     def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run `work` in one BEGIN IMMEDIATE transaction; the only place that begins or commits."""
         conn = self._connection()
-        if not self._take_writer_turn(time.monotonic() + self._busy_timeout_ms / 1000):
+        deadline = time.monotonic() + self._busy_timeout_ms / 1000
+        if not self._take_writer_turn(deadline):
             log.warning("another writer held the database past %d ms; write refused", self._busy_timeout_ms)
             raise StoreBusy()
         try:
-            try:
-                # Waits (busy_timeout) only for a writer outside the service: a shell, a script.
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if _is_busy(exc):
-                    log.warning("database busy past %d ms; write refused", self._busy_timeout_ms)
-                    raise StoreBusy() from exc
-                raise
+            self._begin_immediate(conn, deadline)
             try:
                 result = work(conn)
                 conn.execute("COMMIT")
@@ -346,6 +340,24 @@ class Store:
             fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
         self._checkpoint_now_and_then(conn)
         return result
+
+    def _begin_immediate(self, conn: sqlite3.Connection, deadline: float) -> None:
+        """BEGIN IMMEDIATE, which waits only for a writer outside the service (a shell, a script),
+        and no longer than what is left of the bound once the turn was taken (StoreBusy after)."""
+        left_ms = round((deadline - time.monotonic()) * 1000)
+        shortened = left_ms < self._busy_timeout_ms - 1  # the turn took a while: wait less
+        if shortened:
+            conn.execute(f"PRAGMA busy_timeout = {max(left_ms, 0)}")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                log.warning("database busy past %d ms; write refused", self._busy_timeout_ms)
+                raise StoreBusy() from exc
+            raise
+        finally:
+            if shortened:
+                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
 
     def _take_writer_turn(self, deadline: float) -> bool:
         """Take the writers' file lock, trying often (see WRITER_PAUSE_FIRST_S); False at the deadline."""
