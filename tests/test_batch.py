@@ -12,6 +12,7 @@ from records_service.access import Principal
 from records_service.app import create_app
 from records_service.collection import MAX_BATCH_RECORDS, _triage
 from records_service.config import Settings
+from records_service.store import Store
 from tests.test_api import assert_problem, post
 from tests.test_listing import NDJSON, ids, make
 
@@ -163,6 +164,40 @@ def test_the_batch_byte_limit_is_its_own_and_413_beyond_it(tmp_path, clock, reco
     assert batch(client, body).json["created"] == 20  # far over RECORDS_MAX_BODY_BYTES, at the batch limit
     assert_problem(batch(client, body.replace(b'"t', b'"u') + b"\n"), 413)
     assert len(listed(client)) == 20
+
+
+@pytest.fixture
+def transactions(monkeypatch) -> list:
+    """The write transactions the store runs from now on (each a BEGIN IMMEDIATE and its COMMIT or ROLLBACK)."""
+    run: list = []
+    write = Store._write
+
+    def counted(store, work):
+        run.append(work)
+        return write(store, work)
+
+    monkeypatch.setattr(Store, "_write", counted)
+    return run
+
+
+def test_a_whole_batch_is_one_transaction_whatever_fails_in_it(client, transactions):
+    assert post(client, make("taken")).status_code == 201
+    del transactions[:]
+    records = [make(f"r{i:05d}") for i in range(MAX_BATCH_RECORDS - 3)]
+    resp = batch(client, ndjson([*records, "{oops", make("taken"), records[0]]))
+    assert (resp.json["created"], len(resp.json["failed"])) == (MAX_BATCH_RECORDS - 3, 3)
+    assert len(transactions) == 1
+
+
+def test_an_atomic_batch_that_fails_validation_writes_nothing_and_one_that_meets_a_duplicate_rolls_back_one(
+        client, transactions):
+    assert post(client, make("taken")).status_code == 201
+    del transactions[:]
+    assert_problem(batch(client, ndjson([make("n1"), "{oops"]), query="atomic=true"), 400)
+    assert transactions == []
+    assert_problem(batch(client, ndjson([make("n1"), make("taken")]), query="atomic=true"), 409)
+    assert len(transactions) == 1
+    assert listed(client, "C1") == ["taken"]
 
 
 def test_a_batch_logs_counts_never_clinical_data(client, record, caplog):

@@ -156,6 +156,17 @@ class TestCorrect:
         listed = client.simulate_get("/tests", params={"clinic_id": "C001"}).json
         assert [(r["test_id"], r["version"], r["result"]) for r in listed] == [("T-0001", 2, 6.1), ("T-0002", 1, 5.4)]
 
+    def test_export_and_stats_show_current_versions_of_corrected_and_voided_records(self, client, record, created):
+        kept = post(client, {**record, "test_id": "T-0002"}).json
+        post(client, {**record, "test_id": "T-0003", "test_type": "LDL"})
+        corrected = put(client, "T-0001", {**record, "test_type": "CBC", "status": "corrected"}, '"1"').json
+        voided = delete(client, "T-0003", '"1"').json
+        export = client.simulate_get("/tests/_export", params={"clinic_id": "C001"}).text
+        assert [json.loads(line) for line in export.splitlines()] == [corrected, kept, voided]
+        stats = client.simulate_get("/tests/_stats", params={"clinic_id": "C001"}).json
+        assert (stats["total"], stats["by_test_type"], stats["by_status"]) == (
+            3, {"CBC": 1, "HbA1c": 1, "LDL": 1}, {"corrected": 1, "entered-in-error": 1, "final": 1})
+
 
 class TestVoid:
     def test_delete_stores_a_version_entered_in_error_and_keeps_everything(self, client, created, corrected, clock):
