@@ -33,13 +33,19 @@ def test_walking_next_links_while_another_thread_ingests_returns_every_earlier_r
 
     stop = threading.Event()
     ingested: list[str] = []
+    corrected: list[str] = []
 
     def ingest() -> None:
+        """New records for C1 and C2, and after each batch an earlier record corrected in place."""
         n = 0
         while not stop.is_set():
             batch = [make_record(f"new-{n}-{i}", clinic) for i, clinic in enumerate(["C1", "C2"] * 10)]
             post_batch(server, batch)
             ingested.extend(r["test_id"] for r in batch)
+            old = before[n * 7 % len(before)]
+            resp = server.request("PUT", f"/tests/{old}", make_record(old, "C1", status="corrected"), {"If-Match": '"1"'})
+            assert resp.status == 200, resp.body
+            corrected.append(old)
             n += 1
 
     writer = threading.Thread(target=ingest)
@@ -63,7 +69,8 @@ def test_walking_next_links_while_another_thread_ingests_returns_every_earlier_r
 
     assert ingested_during_walk > 0, "the writer did not overlap the walk"
     assert len(seen) == len(set(seen)), "a record came twice"
-    assert seen[:len(before)] == before  # each earlier record once, in ingest order, first
+    assert seen[:len(before)] == before  # each earlier record once, in ingest order, first: corrected ones too
+    assert corrected
     assert all(test_id.startswith("new-") for test_id in seen[len(before):])
 
 
