@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_indexes.py [--records 1000000] [--clinics 500] [--chunk 1000]
                                             [--orders random,clinic] [--rounds 1] [--tmpdir DIR]
+                                            [--with-sql SQL]
 
 Batch ingest and seeding are bound by the SQL write (bench_scale.py's profile), and the issue
 names SQLite's own rate as the reference: "about 200,000 rows/s in batches of 1,000". This
@@ -53,7 +54,8 @@ def variants() -> dict[str, tuple[tuple[str, ...], bool]]:
             "table + test_id, no counters": (SECONDARY_INDEXES, False)}
 
 
-def insert_rate(path: Path, rows: list[tuple], drop: tuple[str, ...], counters: bool, chunk: int) -> float:
+def insert_rate(path: Path, rows: list[tuple], drop: tuple[str, ...], counters: bool, chunk: int,
+                extra_sql: str | None) -> float:
     """Rows per second inserting `rows` into a new database at `path` without the `drop` indexes,
     and without the counter upserts unless `counters`."""
     for suffix in ("", "-wal", "-shm"):
@@ -64,6 +66,8 @@ def insert_rate(path: Path, rows: list[tuple], drop: tuple[str, ...], counters: 
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA cache_size = -262144")
         migrate(conn)
+        if extra_sql:
+            conn.executescript(extra_sql)
         for name in drop:
             conn.execute(f"DROP INDEX {name}")
         started = time.perf_counter()
@@ -91,6 +95,8 @@ def main() -> int:
     p.add_argument("--orders", default="random,clinic", help=f"comma-separated, of {', '.join(ORDERS)}")
     p.add_argument("--rounds", type=int, default=1, help="measurements per variant; the median is reported")
     p.add_argument("--tmpdir", default=None, help="where the scratch database goes")
+    p.add_argument("--with-sql", default=None, metavar="SQL",
+                   help="statements run after migrating, in every variant: a schema change under consideration")
     args = p.parse_args()
     orders = args.orders.split(",")
     if set(orders) - set(ORDERS) or min(args.records, args.clinics, args.chunk, args.rounds) < 1:
@@ -99,6 +105,8 @@ def main() -> int:
     log_command()
     log(f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
         f"SQLite {sqlite3.sqlite_version}, schema {SCHEMA_VERSION}")
+    if args.with_sql:
+        log(f"--with-sql, in every variant: {args.with_sql}")
     rows = list(seed.seed_rows(args.records, args.clinics, datetime.now(timezone.utc), rng_seed=1))
     with tempfile.TemporaryDirectory(prefix="records-indexes-", dir=args.tmpdir) as tmp:
         path = Path(tmp) / "records.db"
@@ -108,7 +116,7 @@ def main() -> int:
             ordered = in_order(rows, order)
             every = None
             for name, (drop, counters) in variants().items():
-                rate = statistics.median(insert_rate(path, ordered, drop, counters, args.chunk)
+                rate = statistics.median(insert_rate(path, ordered, drop, counters, args.chunk, args.with_sql)
                                          for _ in range(args.rounds))
                 every = every or 1e6 / rate
                 cost = f"{every - 1e6 / rate:6.1f} us/row" if len(drop) == 1 else ""

@@ -1,7 +1,7 @@
 """Records at scale: records_service against the bare Falcon reference on 1,000,000 records.
 
     .venv/bin/python bench/bench_scale.py [--db /tmp/records-bench-1m.db] [--duration 10] [--rounds 3]
-                                          [--scenarios pages,stats,export,batch] [--profile]
+                                          [--scenarios pages,stats,export,batch] [--profile] [--with-sql SQL]
 
 One run:
   1. installs wrk when missing; builds the database with `python -m records_service seed
@@ -46,10 +46,10 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from common import (BENCH_DIR, ROOT, BenchError, Run, Server, clean_env, free_port, gunicorn_argv, load_arguments,
-                    log, measure, noisy_warning, parse_load_arguments, profile_summary, py_spy, py_spy_done,
-                    run_benchmark, server_settings, summarise, wrk_once)
-from records_service import seed  # common put the repository on sys.path
+from common import (BENCH_DIR, ROOT, BenchError, Run, Server, add_with_sql_argument, clean_env, free_port,
+                    gunicorn_argv, load_arguments, log, measure, noisy_warning, parse_load_arguments, profile_summary,
+                    py_spy, py_spy_done, run_benchmark, server_settings, summarise, with_sql, wrk_once)
+from records_service import seed, store  # common put the repository on sys.path
 
 BARE_APP = "bare_scale_app:create_app()"
 PAGE_FILTERS = ("none", "patient_id", "test_type", "status", "collected")
@@ -83,6 +83,18 @@ def ensure_database(path: Path, records: int, clinics: int) -> None:
     log(f"database: building {path} with: RECORDS_DB_PATH={path} {shlex.join(cmd)}")
     subprocess.run(cmd, cwd=ROOT, env={**os.environ, "RECORDS_DB_PATH": str(path)}, check=True,
                    stderr=subprocess.DEVNULL if not sys.stderr.isatty() else None)
+
+
+def log_page_plans(path: Path) -> None:
+    """How a page filtered by test type or status is read (after --with-sql may have changed it)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        for name in ("test_type", "status"):
+            sql, params = store.select_records({"clinic_id": "C0001", name: "x"}, 0, 101)
+            plan = conn.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()[-1][-1]
+            log(f"  a page by {name} reads: {plan}")
+    finally:
+        conn.close()
 
 
 def month_bounds(path: Path) -> list[str]:
@@ -327,6 +339,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--scenarios", default="pages,stats,export,batch")
     p.add_argument("--profile", action="store_true", help="profile ours under py-spy during one more batch run")
     p.add_argument("--tmpdir", default=None, help="where the working copy of the database and the logs go")
+    add_with_sql_argument(p)
     args = parse_load_arguments(p, argv)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if set(args.scenarios) - {"pages", "stats", "export", "batch"}:
@@ -343,6 +356,9 @@ def run(args: argparse.Namespace, wrk: str, tmp: Path, servers: list[Server]) ->
     ensure_database(source, args.records, args.clinics)
     db = tmp / "records.db"
     shutil.copyfile(source, db)
+    if args.with_sql:
+        with_sql(db, args.with_sql)
+        log_page_plans(db)
     base_env = clean_env()
     ours_env = {**base_env, "RECORDS_DB_PATH": str(db), "RECORDS_AUTH": "disabled", "RECORDS_LOG_LEVEL": "INFO"}
     server_settings(args, wrk, ours_env, tmp)

@@ -22,6 +22,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -502,6 +503,23 @@ def load_arguments(doc: str, pairs: str) -> argparse.ArgumentParser:
     p.add_argument("--quiet-wait", type=int, default=30, metavar="SECONDS",
                    help="longest wait for that before running anyway (0: never wait)")
     return p
+
+
+def add_with_sql_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--with-sql", default=None, metavar="SQL",
+                   help="statements run on ours' database before ours starts: a schema change to measure without "
+                        "editing the service, e.g. an index under consideration")
+
+
+def with_sql(db_path: Path, sql: str) -> None:
+    """Run --with-sql's statements on the database at `db_path`."""
+    started = time.perf_counter()
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.executescript(sql)
+    finally:
+        conn.close()
+    log(f"--with-sql ran in {time.perf_counter() - started:.1f}s: {sql}")
 
 
 def parse_load_arguments(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
