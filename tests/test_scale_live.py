@@ -35,18 +35,24 @@ def test_walking_next_links_while_another_thread_ingests_returns_every_earlier_r
     ingested: list[str] = []
     corrected: list[str] = []
 
+    failures: list[BaseException] = []  # an assertion in the writer thread would not fail the test by itself
+
     def ingest() -> None:
         """New records for C1 and C2, and after each batch an earlier record corrected in place."""
         n = 0
-        while not stop.is_set():
-            batch = [make_record(f"new-{n}-{i}", clinic) for i, clinic in enumerate(["C1", "C2"] * 10)]
-            post_batch(server, batch)
-            ingested.extend(r["test_id"] for r in batch)
-            old = before[n * 7 % len(before)]
-            resp = server.request("PUT", f"/tests/{old}", make_record(old, "C1", status="corrected"), {"If-Match": '"1"'})
-            assert resp.status == 200, resp.body
-            corrected.append(old)
-            n += 1
+        try:
+            while not stop.is_set():
+                batch = [make_record(f"new-{n}-{i}", clinic) for i, clinic in enumerate(["C1", "C2"] * 10)]
+                post_batch(server, batch)
+                ingested.extend(r["test_id"] for r in batch)
+                old = before[n * 7 % len(before)]
+                resp = server.request("PUT", f"/tests/{old}", make_record(old, "C1", status="corrected"),
+                                      {"If-Match": '"1"'})
+                assert resp.status == 200, resp.body
+                corrected.append(old)
+                n += 1
+        except BaseException as exc:
+            failures.append(exc)
 
     writer = threading.Thread(target=ingest)
     writer.start()
@@ -67,6 +73,7 @@ def test_walking_next_links_while_another_thread_ingests_returns_every_earlier_r
         stop.set()
         writer.join()
 
+    assert failures == []
     assert ingested_during_walk > 0, "the writer did not overlap the walk"
     assert len(seen) == len(set(seen)), "a record came twice"
     assert seen[:len(before)] == before  # each earlier record once, in ingest order, first: corrected ones too
