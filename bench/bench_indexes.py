@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
 
-from common import log, log_command  # common puts the repository on sys.path
+from common import add_with_sql_argument, log, log_command  # common puts the repository on sys.path
 from records_service import seed
 from records_service.store import _INSERT_SQL, SCHEMA_VERSION, _insert_rows, migrate
 
@@ -95,8 +95,7 @@ def main() -> int:
     p.add_argument("--orders", default="random,clinic", help=f"comma-separated, of {', '.join(ORDERS)}")
     p.add_argument("--rounds", type=int, default=1, help="measurements per variant; the median is reported")
     p.add_argument("--tmpdir", default=None, help="where the scratch database goes")
-    p.add_argument("--with-sql", default=None, metavar="SQL",
-                   help="statements run after migrating, in every variant: a schema change under consideration")
+    add_with_sql_argument(p)  # run after migrating, in every variant
     args = p.parse_args()
     orders = args.orders.split(",")
     if set(orders) - set(ORDERS) or min(args.records, args.clinics, args.chunk, args.rounds) < 1:

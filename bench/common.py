@@ -507,7 +507,7 @@ def load_arguments(doc: str, pairs: str) -> argparse.ArgumentParser:
 
 def add_with_sql_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--with-sql", default=None, metavar="SQL",
-                   help="statements run on ours' database before ours starts: a schema change to measure without "
+                   help="statements run on our database before measuring: a schema change to measure without "
                         "editing the service, e.g. an index under consideration")
 
 
