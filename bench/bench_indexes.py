@@ -54,12 +54,16 @@ def variants() -> dict[str, tuple[tuple[str, ...], bool]]:
             "table + test_id, no counters": (SECONDARY_INDEXES, False)}
 
 
+def remove_database(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
 def insert_rate(path: Path, rows: list[tuple], drop: tuple[str, ...], counters: bool, chunk: int,
                 extra_sql: str | None) -> float:
     """Rows per second inserting `rows` into a new database at `path` without the `drop` indexes,
     and without the counter upserts unless `counters`."""
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    remove_database(path)
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
@@ -82,8 +86,7 @@ def insert_rate(path: Path, rows: list[tuple], drop: tuple[str, ...], counters: 
         return len(rows) / (time.perf_counter() - started)
     finally:
         conn.close()
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        remove_database(path)
 
 
 def main() -> int:
