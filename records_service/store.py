@@ -133,6 +133,7 @@ MIGRATIONS: dict[int, str] = {
     # Every version of every record, append-only. Triggers on `records` write it, so every way
     # of creating or changing a record (single, batch, seed) keeps history without knowing it.
     # rowid order is write order: /audit lists one request's writes in the order it made them.
+    # (Migration 6 changed this: history keeps a version once it is superseded.)
     3: """
     CREATE TABLE record_versions (
         test_id    TEXT NOT NULL,
@@ -187,7 +188,8 @@ MIGRATIONS: dict[int, str] = {
     # record (one POST, a batch, seed) counts it and the dashboard never scans `records`. A
     # record counts once, at ingest, in the UTC hour of its `created_at`; records are never
     # deleted, and corrections and voids keep created_at. Records per clinic come from
-    # migration 2's clinic_counts. `check` recounts both, to prove them.
+    # migration 2's clinic_counts. `check` recounts both, to prove them. (Migration 7 moved the
+    # counting from this trigger into the store's insert.)
     5: """
     CREATE TABLE hourly_ingest (
         hour    TEXT PRIMARY KEY,           -- created_at's first 13 characters: 2025-06-01T12
