@@ -220,7 +220,7 @@ def run_seed(args: argparse.Namespace, settings: Settings) -> int:
         for done in store.bulk_insert(seed_rows(args.records, args.clinics, utc_now(), rng_seed=args.random_seed)):
             bar.update(done)
     except (StoreUnavailable, StoreBusy) as exc:
-        print(f"records_service: seed failed: {exc or 'the database stayed busy'}", file=sys.stderr)
+        print(f"records_service: seed failed: {exc}", file=sys.stderr)
         return 1
     finally:
         bar.close()
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args, settings)
     except (StoreUnavailable, StoreBusy) as exc:
-        print(f"records_service: the database {settings.db_path} cannot be used now: {exc or 'busy'}", file=sys.stderr)
+        print(f"records_service: the database {settings.db_path} cannot be used now: {exc}", file=sys.stderr)
         return 1
 
 

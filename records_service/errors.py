@@ -25,6 +25,9 @@ _TYPE_PREFIX = "urn:records-service:problem:"
 class StoreBusy(Exception):
     """The database stayed locked by other writers past the busy bound."""
 
+    def __str__(self) -> str:
+        return super().__str__() or "the database stayed locked by other writers past the busy bound"
+
 
 class StoreUnavailable(Exception):
     """The database cannot be opened or used at all (missing directory, unreadable file)."""

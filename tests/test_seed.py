@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -65,6 +66,21 @@ def test_the_seed_command_adds_records_through_migrations(tmp_path, monkeypatch,
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
     assert conn.execute("SELECT count(*), count(DISTINCT clinic_id) FROM records").fetchone() == (1500, 3)
+
+
+def test_the_seed_command_says_why_when_another_writer_holds_the_database(tmp_path, monkeypatch, capsys):
+    db = tmp_path / "seed.db"
+    monkeypatch.setenv("RECORDS_DB_PATH", str(db))
+    monkeypatch.setenv("RECORDS_BUSY_TIMEOUT_MS", "200")
+    monkeypatch.chdir(tmp_path)
+    assert main(["seed", "--records", "10", "--clinics", "1"]) == 0
+    other_writer = os.open(f"{db}-writer", os.O_RDWR)  # as a worker holding its turn
+    fcntl.flock(other_writer, fcntl.LOCK_EX)
+    try:
+        assert main(["seed", "--records", "10", "--clinics", "1"]) == 1
+    finally:
+        os.close(other_writer)
+    assert "seed failed: the database stayed locked by other writers past the busy bound" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["seed"], ["seed", "--records", "0"], ["seed", "--records", "10", "--clinics", "-1"]])
