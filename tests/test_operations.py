@@ -14,7 +14,7 @@ from html.parser import HTMLParser
 import falcon.testing
 import pytest
 
-from records_service import dashboard, store
+from records_service import __version__, dashboard, store
 from records_service.app import create_app
 from records_service.config import Settings
 from tests.live import REPO
@@ -49,7 +49,8 @@ def bars(page: str) -> dict[str, int]:
 def test_ready_reports_the_database_state(client):
     resp = client.simulate_get("/ready")
     assert resp.status_code == 200
-    assert resp.json == {"status": "ready", "journal_mode": "wal", "schema_version": store.SCHEMA_VERSION}
+    assert resp.json == {"status": "ready", "version": __version__, "journal_mode": "wal",
+                         "schema_version": store.SCHEMA_VERSION}
 
 
 def assert_not_ready(resp, reason: str) -> None:
