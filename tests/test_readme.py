@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.live import REPO, free_port, request
+from tests.live import REPO, debian_command, free_port, request
 
 README = REPO / "README.md"
 SETUP = "python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt && "
@@ -193,6 +193,7 @@ def fresh_clone(tmp_path: Path) -> Path:
 
 
 def test_the_walkthrough_runs_as_written_and_prints_what_the_readme_shows(tmp_path):
+    debian_command("curl", "curl")
     markdown = README.read_text()
     blocks = walkthrough_blocks(markdown)
     assert blocks and blocks[0].terminal == 1 and blocks[0].lines == [SETUP + SERVE], \
