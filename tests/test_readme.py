@@ -186,8 +186,17 @@ class ServerTerminal:
 
 
 def fresh_clone(tmp_path: Path) -> Path:
+    """The files git tracks, as a clone would have them (without git: all but NOT_IN_A_CLONE)."""
     clone = tmp_path / "records_service"
-    shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(*NOT_IN_A_CLONE))
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, timeout=30) \
+        if shutil.which("git") and (REPO / ".git").exists() else None
+    if listed and listed.returncode == 0:
+        for name in listed.stdout.decode().split("\0"):
+            if name and (REPO / name).is_file():
+                (clone / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / name, clone / name)
+    else:
+        shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(*NOT_IN_A_CLONE))
     (clone / ".venv").symlink_to(sys.prefix, target_is_directory=True)
     return clone
 
