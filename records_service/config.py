@@ -6,7 +6,9 @@ which the entry points turn into a one-line message and a non-zero exit.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -26,6 +28,11 @@ class Settings:
     auth: str = "required"
     synchronous: str = "NORMAL"
     busy_timeout_ms: int = 5_000
+    database_url: str | None = None  # PostgreSQL instead of the SQLite file at db_path
+
+    def database_name(self) -> str:
+        """Which database this is, fit for an operator's message: never a password."""
+        return redact_url(self.database_url) if self.database_url else os.path.abspath(self.db_path)
 
 
 def _text(name: str, raw: str) -> str:
@@ -51,6 +58,29 @@ def _positive_int(name: str, raw: str) -> int:
     return value
 
 
+def _postgres_url(name: str, raw: str) -> str:
+    value = raw.strip()
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("postgresql", "postgres") or not (parts.netloc or parts.query):
+        raise ConfigError(f"{name} must be a postgresql://user@host/database URL (got {redact_url(value)!r})")
+    return value
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password (if any) replaced by ***, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return "<unreadable URL>"
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _choice(*allowed: str) -> Callable[[str, str], str]:
     def parse(name: str, raw: str) -> str:
         value = raw.strip()
@@ -70,6 +100,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "RECORDS_AUTH": ("auth", _choice("required", "disabled")),
     "RECORDS_SYNCHRONOUS": ("synchronous", _choice("NORMAL", "FULL")),
     "RECORDS_BUSY_TIMEOUT_MS": ("busy_timeout_ms", _positive_int),
+    "RECORDS_DATABASE_URL": ("database_url", _postgres_url),
 }
 
 

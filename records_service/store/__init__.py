@@ -12,6 +12,10 @@ from .errors import (AlreadyVoided, DuplicateRecord, StoreBusy, StoreCorrupt, St
 def open_store(settings, *, writers: int | None = None) -> Store:
     """The store the settings name, not yet connected (connections are opened in the process and
     thread that use them). `writers` bounds how many threads of this process may wait to write."""
+    if settings.database_url:
+        from .postgres import PostgresStore  # psycopg is imported here, never on a SQLite install
+
+        return PostgresStore(settings.database_url, busy_timeout_ms=settings.busy_timeout_ms, writers=writers)
     from .sqlite import SQLiteStore
 
     return SQLiteStore(settings.db_path, synchronous=settings.synchronous, busy_timeout_ms=settings.busy_timeout_ms,

@@ -8,9 +8,23 @@ and how a new record is prepared are decided here, once, for every engine.
 from __future__ import annotations
 
 import json
-from typing import Iterable, Iterator, NamedTuple, Protocol
+import logging
+import threading
+from typing import Callable, Iterable, Iterator, NamedTuple, Protocol, TypeVar
 
-from ..validate import VOIDED_STATUS, timestamp_sort_key
+from .errors import AlreadyVoided, StoreBusy
+
+from ..validate import VOIDED_STATUS, client_fields, timestamp_sort_key
+
+log = logging.getLogger("records_service.store")
+
+T = TypeVar("T")
+
+# How many of a process's threads may wait to write at once (the `writers` of open_store). Past
+# it a write is refused at once (503, Retry-After) instead of holding a thread that reads need:
+# with another writer holding the database, waiting writes would otherwise take every thread
+# (issue 17). Waiting for a slot a little smooths bursts; it never comes near the busy bound.
+WRITE_SLOT_WAIT_S = 0.1
 
 
 class Stored(NamedTuple):
@@ -50,11 +64,36 @@ def prepare(record: dict, request_id: str, now: str) -> NewRow:
                   stored_doc(record, created_at=now, updated_at=now, version=1, request_id=request_id))
 
 
+def entered_in_error(current: dict) -> dict:
+    """The client fields of a void: the current ones with status entered-in-error."""
+    if current["status"] == VOIDED_STATUS:
+        raise AlreadyVoided()
+    return {**client_fields(current), "status": VOIDED_STATUS}
+
+
 def action_of(version: int, status: str) -> str:
     """What writing a version was, as /audit names it."""
     if version == 1:
         return "create"
     return "void" if status == VOIDED_STATUS else "correct"
+
+
+class WriterSlots:
+    """At most `writers` threads of this process inside a write at once (None: no bound)."""
+
+    def __init__(self, writers: int | None) -> None:
+        self._slots = threading.BoundedSemaphore(writers) if writers else None
+
+    def run(self, write: Callable[[], T]) -> T:
+        if self._slots is None:
+            return write()
+        if not self._slots.acquire(timeout=WRITE_SLOT_WAIT_S):
+            log.warning("too many writes waiting for the database in this process; write refused")
+            raise StoreBusy("too many writes are waiting for the database")
+        try:
+            return write()
+        finally:
+            self._slots.release()
 
 
 class Store(Protocol):

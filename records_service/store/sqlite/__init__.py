@@ -15,8 +15,8 @@ import time
 from itertools import islice
 from typing import Iterable, Iterator
 
-from ..base import Stored, prepare
-from ..errors import DuplicateRecord, StoreBusy, StoreFull, VersionMismatch, AlreadyVoided
+from ..base import Stored, WriterSlots, entered_in_error, prepare
+from ..errors import DuplicateRecord, StoreFull, VersionMismatch, AlreadyVoided
 from . import counters, keys, maintenance, records
 from .connection import MIN_FREE_BYTES, Database, file_size
 from .migrations import SCHEMA_VERSION, migrate
@@ -27,11 +27,6 @@ log = logging.getLogger("records_service.store")
 # since its last fold, or once it has written this many records: tails stay a few hundred rows.
 FOLD_EVERY_S = 1.0
 FOLD_EVERY_RECORDS = 2000
-# How many of a process's threads may wait for the writers' turn at once. Past it a write is
-# refused at once (503, Retry-After) instead of holding a thread that reads need: with another
-# writer holding the database, waiting writes would otherwise take every thread (issue 17).
-# Waiting for a slot a little smooths bursts; it never comes near the busy bound.
-WRITE_SLOT_WAIT_S = 0.1
 
 
 class SQLiteStore:
@@ -42,7 +37,7 @@ class SQLiteStore:
         self.path = path
         self._db = Database(path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)
         self._busy_timeout_ms = busy_timeout_ms
-        self._slots = threading.BoundedSemaphore(writers) if writers else None
+        self._slots = WriterSlots(writers)
         self._touched: set[str] = set()
         self._touched_records = 0
         self._touched_lock = threading.Lock()
@@ -82,15 +77,7 @@ class SQLiteStore:
     # -- writes ----------------------------------------------------------------------------
 
     def _write(self, work):
-        if self._slots is None:
-            return self._db.write(work)
-        if not self._slots.acquire(timeout=WRITE_SLOT_WAIT_S):
-            log.warning("too many writes waiting for the database in this process; write refused")
-            raise StoreBusy("too many writes are waiting for the database")
-        try:
-            return self._db.write(work)
-        finally:
-            self._slots.release()
+        return self._slots.run(lambda: self._db.write(work))
 
     def _wrote(self, clinics: Iterable[str], count: int) -> None:
         """Note where records went; fold those clinics' tails when one is due (outside the caller's write)."""
@@ -175,7 +162,7 @@ class SQLiteStore:
 
     def void(self, test_id: str, *, expected: frozenset[int], request_id: str, key_id: str | None = None,
              now: str) -> Stored:
-        return self._revise(test_id, expected, records.entered_in_error, "void", request_id, key_id, now)
+        return self._revise(test_id, expected, entered_in_error, "void", request_id, key_id, now)
 
     def _revise(self, test_id, expected, change, action, request_id, key_id, now) -> Stored:
         try:

@@ -12,9 +12,9 @@ import sqlite3
 import time
 from typing import Callable, Iterable, Iterator
 
-from ...validate import VOIDED_STATUS, client_fields, timestamp_sort_key
+from ...validate import timestamp_sort_key
 from ..base import Stored, stored_doc
-from ..errors import AlreadyVoided, DuplicateRecord, VersionMismatch
+from ..errors import DuplicateRecord, VersionMismatch
 from . import counters
 from .connection import Database, translate
 
@@ -99,13 +99,6 @@ def revise(conn: sqlite3.Connection, test_id: str, expected: frozenset[int], cha
     counters.moved(conn, clinic_id, seq, (test_type, status, collected), (fields["test_type"], fields["status"],
                                                                           new_collected))
     return Stored(clinic_id, version, new_doc)
-
-
-def entered_in_error(current: dict) -> dict:
-    """The client fields of a void: the current ones with status entered-in-error."""
-    if current["status"] == VOIDED_STATUS:
-        raise AlreadyVoided()
-    return {**client_fields(current), "status": VOIDED_STATUS}
 
 
 def duplicate(conn: sqlite3.Connection, test_id: str) -> DuplicateRecord:

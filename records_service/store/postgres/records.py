@@ -1,0 +1,210 @@
+"""Record writes and queries in PostgreSQL: every statement that reads or writes `records` and its history.
+
+Write functions take the connection of the caller's transaction, reads the `Database`;
+`PostgresStore` wires them together. The documents, history and audit they return are
+byte for byte those of the SQLite engine: both build them with `base.stored_doc`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, Iterator
+
+import psycopg
+from psycopg.pq import TransactionStatus
+
+from ...validate import timestamp_sort_key
+from ..base import Stored, stored_doc
+from ..errors import VersionMismatch
+from . import counters
+from .connection import Database, translate
+
+# One statement inserts a whole batch from arrays; a test_id already taken is skipped and
+# reported (RETURNING names what went in), never an error that would abort the transaction.
+_INSERT_SQL = (
+    "INSERT INTO records (clinic_id, seq, test_id, patient_id, test_type, status, collected_at, version,"
+    " request_id, key_id, doc)"
+    " SELECT clinic_id, seq, test_id, patient_id, test_type, status, collected_at, 1, request_id, %(key_id)s, doc"
+    " FROM unnest(%(clinic_id)s::text[], %(seq)s::bigint[], %(test_id)s::text[], %(patient_id)s::text[],"
+    " %(test_type)s::text[], %(status)s::text[], %(collected_at)s::text[], %(request_id)s::text[], %(doc)s::text[])"
+    " AS t (clinic_id, seq, test_id, patient_id, test_type, status, collected_at, request_id, doc)"
+    " ON CONFLICT (test_id) DO NOTHING RETURNING test_id"
+)
+_EXISTING_SQL = "SELECT test_id, doc FROM records WHERE test_id = ANY(%s)"
+_HISTORY_SQL = (
+    "SELECT v.version, v.doc FROM record_versions AS v JOIN records AS r ON r.test_id = v.test_id"
+    " WHERE v.test_id = %(id)s AND v.version < r.version"
+    " UNION ALL SELECT version, doc FROM records WHERE test_id = %(id)s ORDER BY 1"
+)
+_ACTION = "CASE WHEN version = 1 THEN 'create' WHEN status = 'entered-in-error' THEN 'void' ELSE 'correct' END"
+_AUDIT_SQL = (
+    "SELECT v.test_id, v.version, v.action, v.at, r.clinic_id, v.key_id, r.seq FROM record_versions AS v"
+    " JOIN records AS r ON r.test_id = v.test_id WHERE v.request_id = %(id)s AND v.version < r.version"
+    f" UNION ALL SELECT test_id, version, {_ACTION}, doc::json ->> 'updated_at', clinic_id, key_id, seq"
+    " FROM records WHERE request_id = %(id)s ORDER BY 7, 2"
+)
+
+
+def lock_clinics(conn: psycopg.Connection, clinics: list[str]) -> None:
+    """Take each clinic's write lock until the transaction ends, in one order (no deadlock).
+
+    Within a clinic, records are then committed in seq order: a reader paging past seq N
+    never misses a record committed later with a smaller one.
+    """
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(c, 0)) FROM unnest(%s::text[]) AS c",
+                 (sorted(clinics),))
+
+
+def insert_rows(conn: psycopg.Connection, rows: list[tuple], key_id: str | None) -> set[str]:
+    """Insert `NewRow`-shaped rows inside the caller's transaction, counting them in; return
+    the test_ids inserted (one already taken, by a writer that committed meanwhile, is not).
+
+    Each row gets the next seq of its clinic, as on SQLite: the larger of the clock in
+    microseconds (one request's records, whatever their clinics, are in write order) and the
+    clinic's last seq + 1 (a clinic's order never goes back, whatever the clock does).
+    """
+    clinics = sorted({row[1] for row in rows})
+    lock_clinics(conn, clinics)
+    last = dict(conn.execute("SELECT c, (SELECT max(seq) FROM records WHERE clinic_id = c)"
+                             " FROM unnest(%s::text[]) AS c", (clinics,)).fetchall())
+    base = time.time_ns() // 1000
+    columns: dict[str, list] = {name: [] for name in ("clinic_id", "seq", "test_id", "patient_id", "test_type",
+                                                     "status", "collected_at", "request_id", "doc")}
+    for n, (test_id, clinic_id, patient_id, test_type, status, collected, _created, request_id, doc) in enumerate(rows):
+        previous = last[clinic_id]
+        seq = base + n if previous is None else max(base + n, previous + 1)
+        last[clinic_id] = seq
+        for name, value in zip(columns, (clinic_id, seq, test_id, patient_id, test_type, status, collected,
+                                         request_id, doc)):
+            columns[name].append(value)
+    inserted = {test_id for (test_id,) in conn.execute(_INSERT_SQL, {**columns, "key_id": key_id}).fetchall()}
+    counters.add(conn, [row for row in rows if row[0] in inserted])
+    return inserted
+
+
+def existing(conn: psycopg.Connection, test_ids: list[str]) -> dict[str, str]:
+    return dict(conn.execute(_EXISTING_SQL, (test_ids,)).fetchall())
+
+
+def revise(conn: psycopg.Connection, test_id: str, expected: frozenset[int], change: Callable[[dict], dict],
+           request_id: str, key_id: str | None, now: str) -> Stored:
+    """Replace the current version in place, inside the caller's transaction (the row keeps its
+    seq; the trigger keeps the superseded version). The row is locked (FOR UPDATE) before its
+    version is compared, so of writers that read the same version exactly one succeeds; the
+    others wait for it, then see its version and get VersionMismatch."""
+    clinic_id, test_type, status, doc = conn.execute(
+        "SELECT clinic_id, test_type, status, doc FROM records WHERE test_id = %s FOR UPDATE", (test_id,)).fetchone()
+    current = json.loads(doc)
+    if current["version"] not in expected:
+        raise VersionMismatch(current["version"])
+    fields = change(current)
+    version = current["version"] + 1
+    new_doc = stored_doc(fields, created_at=current["created_at"], updated_at=now, version=version,
+                         request_id=request_id)
+    conn.execute(
+        "UPDATE records SET test_type = %s, status = %s, collected_at = %s, version = %s, request_id = %s,"
+        " key_id = %s, doc = %s WHERE test_id = %s",
+        (fields["test_type"], fields["status"], timestamp_sort_key(fields["collected_at"]), version, request_id,
+         key_id, new_doc, test_id))
+    counters.moved(conn, clinic_id, (test_type, status), (fields["test_type"], fields["status"]))
+    return Stored(clinic_id, version, new_doc)
+
+
+def current(db: Database, test_id: str) -> Stored | None:
+    rows = db.read("SELECT clinic_id, version, doc FROM records WHERE test_id = %s", (test_id,))
+    return Stored(*rows[0]) if rows else None
+
+
+def history_json(db: Database, test_id: str) -> tuple[str, int]:
+    rows = db.read(_HISTORY_SQL, {"id": test_id})
+    return "[" + ",".join(doc for _, doc in rows) + "]", len(rows)
+
+
+def audit(db: Database, request_id: str) -> list[dict]:
+    rows = db.read(_AUDIT_SQL, {"id": request_id})
+    return [{"test_id": t, "version": v, "action": a, "at": at, "clinic_id": c, "key_id": k}
+            for t, v, a, at, c, k, _ in rows]
+
+
+# The filters a collection query may carry, each one parameterised condition on a column.
+_FILTER_SQL = {
+    "clinic_id": "clinic_id = %s",
+    "patient_id": "patient_id = %s",
+    "test_type": "test_type = %s",
+    "status": "status = %s",
+    "collected_from": "collected_at >= %s",
+    "collected_to": "collected_at < %s",
+}
+_TIME_FILTERS = ("collected_from", "collected_to")
+
+
+def select_records(filters: dict[str, str], after_seq: int = 0, limit: int | None = None) -> tuple[str, list]:
+    """The query for (seq, doc) of records matching `filters` (clean values, clinic_id among
+    them) after `after_seq`, in seq order, and its parameters."""
+    unknown = set(filters) - _FILTER_SQL.keys()
+    if unknown or "clinic_id" not in filters:
+        raise ValueError(f"not a clinic query: {sorted(filters)}")
+    conditions, params = [], []
+    for name, condition in _FILTER_SQL.items():
+        if name in filters:
+            conditions.append(condition)
+            params.append(timestamp_sort_key(filters[name]) if name in _TIME_FILTERS else filters[name])
+    conditions.append("seq > %s")
+    params.append(after_seq)
+    sql = "SELECT seq, doc FROM records WHERE " + " AND ".join(conditions) + " ORDER BY seq"
+    if limit is not None:
+        sql += " LIMIT %s"
+        params.append(limit)
+    return sql, params
+
+
+def list_page(db: Database, filters: dict[str, str], after_seq: int, limit: int) -> tuple[str, int, int | None]:
+    sql, params = select_records(filters, after_seq, limit + 1)
+    rows = db.read(sql, params)
+    more = len(rows) > limit
+    del rows[limit:]
+    return "[" + ",".join(doc for _, doc in rows) + "]", len(rows), rows[-1][0] if more else None
+
+
+def export_docs(db: Database, filters: dict[str, str], chunk_rows: int) -> Iterator[list[str]]:
+    """Chunks of matching documents from a server-side cursor, so memory stays flat however
+    many match. The first chunk is fetched now, so a database that cannot be read fails before
+    a response is under way; an error later is raised (translated) by the iterator. The
+    cursor lives in a read-only transaction of this thread's connection until the last chunk
+    (or the iterator's close); a transaction left open by an iterator never started is rolled
+    back at the connection's next use."""
+    sql, params = select_records(filters)
+    conn = db.connection()
+    try:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        cursor = conn.cursor(name="export")
+        cursor.execute(sql, params)
+        first = cursor.fetchmany(chunk_rows)
+    except psycopg.Error as exc:
+        _end(db, conn)
+        raise translate(exc, "export failed") from exc
+
+    def chunks() -> Iterator[list[str]]:
+        rows = first
+        try:
+            while rows:
+                yield [doc for _, doc in rows]
+                try:
+                    rows = cursor.fetchmany(chunk_rows)
+                except psycopg.Error as exc:
+                    raise translate(exc, "export failed") from exc
+        finally:
+            _end(db, conn)
+
+    return chunks()
+
+
+def _end(db: Database, conn: psycopg.Connection) -> None:
+    """End the export's transaction (its cursor with it); a broken connection is dropped."""
+    if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+        try:
+            conn.rollback()
+        except psycopg.Error:
+            conn.close()
+    db.drop_if_broken()
