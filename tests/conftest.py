@@ -8,7 +8,7 @@ import pytest
 
 from records_service.app import create_app
 from records_service.config import Settings
-from tests.live import ExistingPostgres, PostgresCluster, Server
+from tests.live import ExistingPostgres, PostgresCluster, RawDatabase, Server
 
 
 class Clock:
@@ -69,6 +69,15 @@ def database_url(engine, request) -> str | None:
 @pytest.fixture
 def settings(tmp_path, database_url) -> Settings:
     return Settings(db_path=str(tmp_path / "records.db"), auth="disabled", database_url=database_url)
+
+
+@pytest.fixture
+def raw_db(settings, client):
+    """Plain SQL on the test's database (created by the app first), for tests of what the
+    database itself enforces."""
+    db = RawDatabase(settings.db_path, settings.database_url)
+    yield db
+    db.close()
 
 
 @pytest.fixture

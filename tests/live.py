@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -285,6 +286,30 @@ class PostgresCluster:
         except (AssertionError, subprocess.TimeoutExpired):
             pass
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RawDatabase:
+    """Plain SQL on a test's database, outside the store (as a script might write), on either
+    engine: `?` placeholders, rows back, and `refused` the error the database's own rules raise."""
+
+    def __init__(self, db_path: str, database_url: str | None) -> None:
+        if database_url:
+            import psycopg
+
+            self.conn = psycopg.connect(database_url, autocommit=True)
+            self.refused = psycopg.errors.IntegrityConstraintViolation
+            self._placeholder = "%s"
+        else:
+            self.conn = sqlite3.connect(db_path, isolation_level=None)
+            self.refused = sqlite3.IntegrityError
+            self._placeholder = "?"
+
+    def execute(self, sql: str, params: tuple = ()) -> list[tuple]:
+        cursor = self.conn.execute(sql.replace("?", self._placeholder), params)
+        return cursor.fetchall() if cursor.description else []
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 class ExistingPostgres:
