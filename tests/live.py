@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -310,6 +311,21 @@ class RawDatabase:
 
     def close(self) -> None:
         self.conn.close()
+
+
+@contextmanager
+def writes_held(server: "Server"):
+    """Hold the database's write lock from outside the service, as a long script would, while
+    reads go on: SQLite's BEGIN IMMEDIATE, PostgreSQL's EXCLUSIVE lock on records."""
+    db = RawDatabase(str(server.db_path), server.database_url)
+    db.execute("BEGIN IMMEDIATE" if server.database_url is None else "BEGIN")
+    if server.database_url:
+        db.execute("LOCK TABLE records IN EXCLUSIVE MODE")
+    try:
+        yield db
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
 
 
 class ExistingPostgres:

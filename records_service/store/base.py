@@ -79,15 +79,17 @@ def action_of(version: int, status: str) -> str:
 
 
 class WriterSlots:
-    """At most `writers` threads of this process inside a write at once (None: no bound)."""
+    """At most `writers` threads of this process inside a write at once (None: no bound); a
+    write waits `wait_s` at most for a slot."""
 
-    def __init__(self, writers: int | None) -> None:
+    def __init__(self, writers: int | None, wait_s: float = WRITE_SLOT_WAIT_S) -> None:
         self._slots = threading.BoundedSemaphore(writers) if writers else None
+        self._wait_s = wait_s
 
     def run(self, write: Callable[[], T]) -> T:
         if self._slots is None:
             return write()
-        if not self._slots.acquire(timeout=WRITE_SLOT_WAIT_S):
+        if not self._slots.acquire(timeout=self._wait_s):
             log.warning("too many writes waiting for the database in this process; write refused")
             raise StoreBusy("too many writes are waiting for the database")
         try:

@@ -36,7 +36,10 @@ class PostgresStore:
         self.url = url
         self._busy_timeout_ms = busy_timeout_ms
         self._db = Database(url, busy_timeout_ms=busy_timeout_ms, on_connect=migrate)
-        self._slots = WriterSlots(writers)
+        # Writes to different clinics run side by side here, and a slot frees at every commit:
+        # under a burst (32 clients, 4 clinics) a slot took longer than SQLite's 0.1 s to free
+        # while the database was far from busy. A write waits for one as for any lock, up to the bound.
+        self._slots = WriterSlots(writers, wait_s=busy_timeout_ms / 1000)
         self._cursor_secret: bytes | None = None
 
     # -- life cycle ------------------------------------------------------------------------

@@ -186,6 +186,8 @@ class Database:
                 if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
                     self._roll_back(conn)
                 if not isinstance(exc, psycopg.Error):
+                    if begin:
+                        log.info("transaction rolled back")
                     raise
                 if self.drop_if_broken() and attempt == 1 and (read_only or not began):
                     log.info("the database connection was lost since its last use; reconnecting")
@@ -194,6 +196,6 @@ class Database:
                 if isinstance(error, StoreBusy):
                     log.warning("database busy past %d ms; refused", self.busy_timeout_ms)
                 else:
-                    log.error("database failed: %s", error)
+                    log.error("transaction rolled back: %s" if begin else "read failed: %s", error)
                 raise error from exc
         raise AssertionError("unreachable")

@@ -1,40 +1,17 @@
 """Exact counters in PostgreSQL: /tests/_stats, the dashboard and `check`.
 
-Unlike SQLite's (folded tails, to spare each insert its counter writes), these are upserted in
-the transaction that inserts the records: they are written under the clinic's lock the insert
-holds anyway, so they never contend across clinics, and every read is exact at once. A
+Unlike SQLite's (folded tails, to spare each insert its counter writes), these are upserted by
+the statement that inserts the records (records._INSERT_SQL), under the clinic's lock the
+insert holds anyway: they never contend across clinics, and every read is exact at once. A
 clinic's first and last collected_at come from an index (records_by_collected), not a counter.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-
 import psycopg
 
 from ...validate import timestamp_from_sort_key
 from .connection import Database
-
-_COUNT_SQL = (
-    "INSERT INTO clinic_counts (clinic_id, test_type, status, records)"
-    " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[])"
-    " ON CONFLICT (clinic_id, test_type, status) DO UPDATE SET records = clinic_counts.records + excluded.records"
-)
-_HOURS_SQL = (
-    "INSERT INTO clinic_hours (clinic_id, hour, records) SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[])"
-    " ON CONFLICT (clinic_id, hour) DO UPDATE SET records = clinic_hours.records + excluded.records"
-)
-
-
-def add(conn: psycopg.Connection, rows: list[tuple]) -> None:
-    """Count new `NewRow`-shaped rows in, inside the caller's transaction (which holds their clinics' locks)."""
-    if not rows:
-        return
-    groups = Counter((row[1], row[3], row[4]) for row in rows)
-    hours = Counter((row[1], row[6][:13]) for row in rows)
-    conn.execute(_COUNT_SQL, [list(column) for column in zip(*sorted(groups))] + [[groups[g] for g in sorted(groups)]])
-    conn.execute(_HOURS_SQL, [list(column) for column in zip(*sorted(hours))] + [[hours[h] for h in sorted(hours)]])
-
 
 def moved(conn: psycopg.Connection, clinic_id: str, old: tuple[str, str], new: tuple[str, str]) -> None:
     """A record of the clinic changed from (test_type, status) `old` to `new`: move it between groups."""

@@ -20,17 +20,40 @@ from ..errors import VersionMismatch
 from . import counters
 from .connection import Database, translate
 
-# One statement inserts a whole batch from arrays; a test_id already taken is skipped and
-# reported (RETURNING names what went in), never an error that would abort the transaction.
-_INSERT_SQL = (
-    "INSERT INTO records (clinic_id, seq, test_id, patient_id, test_type, status, collected_at, version,"
-    " request_id, key_id, doc)"
-    " SELECT clinic_id, seq, test_id, patient_id, test_type, status, collected_at, 1, request_id, %(key_id)s, doc"
-    " FROM unnest(%(clinic_id)s::text[], %(seq)s::bigint[], %(test_id)s::text[], %(patient_id)s::text[],"
-    " %(test_type)s::text[], %(status)s::text[], %(collected_at)s::text[], %(request_id)s::text[], %(doc)s::text[])"
-    " AS t (clinic_id, seq, test_id, patient_id, test_type, status, collected_at, request_id, doc)"
-    " ON CONFLICT (test_id) DO NOTHING RETURNING test_id"
+# One statement inserts a whole batch from arrays and counts what went in. A test_id already
+# taken is skipped, never an error that would abort the transaction; RETURNING names what went
+# in. Each row's seq is the larger of the clock in microseconds plus its place in the request
+# (`base`: one request's records, whatever their clinics, are in write order) and its clinic's
+# last seq plus its place among the request's rows of that clinic (`nth`: a clinic's order never
+# goes back, whatever the clock does): SQLite's rule, computed here in one pass. The clinic's last
+# seq is read by this statement, so after the clinic's lock was taken: no other writer's
+# uncommitted seq can be behind it.
+_INSERT_SQL = """
+WITH t AS (
+    SELECT *, row_number() OVER (PARTITION BY clinic_id ORDER BY n) AS nth
+    FROM unnest(%(clinic_id)s::text[], %(base)s::bigint[], %(test_id)s::text[], %(patient_id)s::text[],
+                %(test_type)s::text[], %(status)s::text[], %(collected_at)s::text[], %(hour)s::text[],
+                %(request_id)s::text[], %(doc)s::text[]) WITH ORDINALITY
+        AS u (clinic_id, base, test_id, patient_id, test_type, status, collected_at, hour, request_id, doc, n)
+), stored AS (
+    INSERT INTO records (clinic_id, seq, test_id, patient_id, test_type, status, collected_at, version,
+                         request_id, key_id, doc)
+    SELECT clinic_id, greatest(base, coalesce((SELECT max(seq) FROM records AS r WHERE r.clinic_id = t.clinic_id), 0)
+                                     + nth),
+           test_id, patient_id, test_type, status, collected_at, 1, request_id, %(key_id)s, doc
+    FROM t ORDER BY n
+    ON CONFLICT (test_id) DO NOTHING RETURNING test_id, clinic_id, test_type, status
+), counted AS (
+    INSERT INTO clinic_counts (clinic_id, test_type, status, records)
+    SELECT clinic_id, test_type, status, count(*) FROM stored GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+    ON CONFLICT (clinic_id, test_type, status) DO UPDATE SET records = clinic_counts.records + excluded.records
+), hours AS (
+    INSERT INTO clinic_hours (clinic_id, hour, records)
+    SELECT t.clinic_id, t.hour, count(*) FROM stored JOIN t USING (test_id) GROUP BY 1, 2 ORDER BY 1, 2
+    ON CONFLICT (clinic_id, hour) DO UPDATE SET records = clinic_hours.records + excluded.records
 )
+SELECT test_id FROM stored
+"""
 _EXISTING_SQL = "SELECT test_id, doc FROM records WHERE test_id = ANY(%s)"
 _HISTORY_SQL = (
     "SELECT v.version, v.doc FROM record_versions AS v JOIN records AS r ON r.test_id = v.test_id"
@@ -46,41 +69,35 @@ _AUDIT_SQL = (
 )
 
 
+# Take each clinic's write lock, in one order (no deadlock); then shorten lock_timeout by the time
+# that took, so the busy bound covers every wait of the transaction together, as on SQLite.
+_LOCK_CLINICS_SQL = (
+    "SELECT set_config('lock_timeout', greatest(1, round(1000 * extract(epoch FROM"
+    " current_setting('lock_timeout')::interval - (clock_timestamp() - now()))))::bigint || 'ms', true)"
+    " FROM (SELECT count(pg_advisory_xact_lock(hashtextextended(c, 0))) FROM unnest(%s::text[]) AS c) AS locked"
+)
+
+
 def lock_clinics(conn: psycopg.Connection, clinics: list[str]) -> None:
-    """Take each clinic's write lock until the transaction ends, in one order (no deadlock).
+    """Take each clinic's write lock until the transaction ends.
 
     Within a clinic, records are then committed in seq order: a reader paging past seq N
     never misses a record committed later with a smaller one.
     """
-    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(c, 0)) FROM unnest(%s::text[]) AS c",
-                 (sorted(clinics),))
+    conn.execute(_LOCK_CLINICS_SQL, (sorted(clinics),))
 
 
 def insert_rows(conn: psycopg.Connection, rows: list[tuple], key_id: str | None) -> set[str]:
-    """Insert `NewRow`-shaped rows inside the caller's transaction, counting them in; return
-    the test_ids inserted (one already taken, by a writer that committed meanwhile, is not).
-
-    Each row gets the next seq of its clinic, as on SQLite: the larger of the clock in
-    microseconds (one request's records, whatever their clinics, are in write order) and the
-    clinic's last seq + 1 (a clinic's order never goes back, whatever the clock does).
-    """
-    clinics = sorted({row[1] for row in rows})
-    lock_clinics(conn, clinics)
-    last = dict(conn.execute("SELECT c, (SELECT max(seq) FROM records WHERE clinic_id = c)"
-                             " FROM unnest(%s::text[]) AS c", (clinics,)).fetchall())
+    """Insert `NewRow`-shaped rows inside the caller's transaction, counted in; return the
+    test_ids inserted (one already taken, by a writer that committed meanwhile, is not)."""
+    lock_clinics(conn, list({row[1] for row in rows}))
     base = time.time_ns() // 1000
-    columns: dict[str, list] = {name: [] for name in ("clinic_id", "seq", "test_id", "patient_id", "test_type",
-                                                     "status", "collected_at", "request_id", "doc")}
-    for n, (test_id, clinic_id, patient_id, test_type, status, collected, _created, request_id, doc) in enumerate(rows):
-        previous = last[clinic_id]
-        seq = base + n if previous is None else max(base + n, previous + 1)
-        last[clinic_id] = seq
-        for name, value in zip(columns, (clinic_id, seq, test_id, patient_id, test_type, status, collected,
-                                         request_id, doc)):
-            columns[name].append(value)
-    inserted = {test_id for (test_id,) in conn.execute(_INSERT_SQL, {**columns, "key_id": key_id}).fetchall()}
-    counters.add(conn, [row for row in rows if row[0] in inserted])
-    return inserted
+    test_id, clinic_id, patient_id, test_type, status, collected, created, request_id, doc = zip(*rows)
+    params = {"clinic_id": list(clinic_id), "base": [base + n for n in range(len(rows))], "test_id": list(test_id),
+              "patient_id": list(patient_id), "test_type": list(test_type), "status": list(status),
+              "collected_at": list(collected), "hour": [at[:13] for at in created], "request_id": list(request_id),
+              "doc": list(doc), "key_id": key_id}
+    return {stored for (stored,) in conn.execute(_INSERT_SQL, params).fetchall()}
 
 
 def existing(conn: psycopg.Connection, test_ids: list[str]) -> dict[str, str]:
