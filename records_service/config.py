@@ -58,7 +58,7 @@ def _positive_int(name: str, raw: str) -> int:
     return value
 
 
-def _postgres_url(name: str, raw: str) -> str:
+def parse_database_url(name: str, raw: str) -> str:
     value = raw.strip()
     try:
         parts = urlsplit(value)
@@ -100,7 +100,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "RECORDS_AUTH": ("auth", _choice("required", "disabled")),
     "RECORDS_SYNCHRONOUS": ("synchronous", _choice("NORMAL", "FULL")),
     "RECORDS_BUSY_TIMEOUT_MS": ("busy_timeout_ms", _positive_int),
-    "RECORDS_DATABASE_URL": ("database_url", _postgres_url),
+    "RECORDS_DATABASE_URL": ("database_url", parse_database_url),
 }
 
 
