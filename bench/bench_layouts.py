@@ -213,17 +213,30 @@ def bytes_by_object(conn: sqlite3.Connection) -> dict[str, int]:
     return dict(conn.execute("SELECT name, pgsize FROM dbstat WHERE aggregate = TRUE ORDER BY pgsize DESC"))
 
 
+@dataclass
+class Frames:
+    counts: list[float]  # per insert
+    by_object: dict[str, int]  # frames over all inserts, by the object their page belongs to
+
+
 def wal_frames(conn: sqlite3.Connection, path: Path, layout: Layout, rows: list[tuple], seqs: Iterator[int],
-               counters: bool) -> list[float]:
+               counters: bool) -> Frames:
     """WAL frames written by each of `rows` inserted alone in its own transaction after a TRUNCATE checkpoint."""
-    frame = conn.execute("PRAGMA page_size").fetchone()[0] + WAL_FRAME_HEADER
-    frames = []
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    frame = page_size + WAL_FRAME_HEADER
+    frames = Frames([], {})
     for row in rows:
         checkpoint(conn)
         conn.execute("BEGIN IMMEDIATE")
         insert(conn, layout, [row], seqs, counters)
         conn.execute("COMMIT")
-        frames.append((os.path.getsize(f"{path}-wal") - WAL_HEADER) / frame)
+        wal = Path(f"{path}-wal").read_bytes()
+        frames.counts.append((len(wal) - WAL_HEADER) / frame)
+        pages = [int.from_bytes(wal[at:at + 4], "big") for at in range(WAL_HEADER, len(wal), frame)]
+        owners = dict(conn.execute("SELECT pageno, name FROM dbstat"))
+        for page in pages:
+            owner = "page 1" if page == 1 else owners.get(page, "free list")
+            frames.by_object[owner] = frames.by_object.get(owner, 0) + 1
     return frames
 
 
@@ -234,7 +247,7 @@ class Figures:
     records: int = 0
     file_bytes: int = 0
     objects: dict | None = None
-    frames: dict | None = None  # counters: bool -> list of frames
+    frames: dict | None = None  # counters: bool -> Frames
     frames_at: int = 0
     pages: dict | None = None  # (filter, mmap) -> list of ns
     plans: dict | None = None  # filter -> plan lines
@@ -372,8 +385,10 @@ def report(figures: dict[str, Figures], args: argparse.Namespace) -> None:
         if f.migrated_used_bytes else "-")
     frames_at = next(iter(figures.values())).frames_at
     for counters in (True, False):
-        label = f"WAL frames/insert at {frames_at:,}, {'with' if counters else 'without'} counters"
-        row(label, lambda f, c=counters: f"{statistics.median(f.frames[c]):g} ({min(f.frames[c]):g}-{max(f.frames[c]):g})")
+        label = f"WAL frames/insert at {frames_at:,}, {'with' if counters else 'without'} counters (med, mean, range)"
+        row(label, lambda f, c=counters: f"{statistics.median(f.frames[c].counts):g}, "
+                                         f"{statistics.mean(f.frames[c].counts):.1f}, "
+                                         f"{min(f.frames[c].counts):g}-{max(f.frames[c].counts):g}")
     for kind in FILTERS:
         for mmap in (False, True):
             label = f"page us, {kind if kind != 'none' else 'no filter'}{', mmap 1 GiB' if mmap else ''} (med / p99)"
@@ -395,6 +410,12 @@ def report(figures: dict[str, Figures], args: argparse.Namespace) -> None:
         f = figures[name]
         log(f"  {name}: " + ", ".join(f"{obj} {size / f.records:,.0f}" for obj, size in f.objects.items()
                                       if size / f.records >= 1))
+    log(f"\nWAL frames per single insert by object (mean of {args.inserts} inserts at {frames_at:,} records):")
+    for name in names:
+        for counters in (True, False):
+            frames = figures[name].frames[counters]
+            log(f"  {name} {'with' if counters else 'without'} counters: " + ", ".join(
+                f"{obj} {n / len(frames.counts):.2f}" for obj, n in sorted(frames.by_object.items(), key=lambda i: -i[1])))
     log("\nEXPLAIN QUERY PLAN of each page query:")
     for name in names:
         for kind, plan in figures[name].plans.items():
