@@ -58,12 +58,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import count
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 from bench_indexes import in_order, remove_database
 from common import log, log_command  # common puts the repository on sys.path
 from records_service import seed
-from records_service.store import _COUNT_SQL, _HOURLY_SQL, _INSERT_SQL, migrate, select_records
+from records_service.store import _INSERT_SQL, _insert_rows, migrate, select_records
 from records_service.validate import utc_millis
 
 WAL_HEADER = 32
@@ -156,21 +157,19 @@ def parameters(layout: Layout, rows: list[tuple], seqs: Iterator[int]) -> list[t
 
 
 def insert(conn: sqlite3.Connection, layout: Layout, rows: list[tuple], seqs: Iterator[int], counters: bool) -> None:
-    """The layout's insert of `rows`, and with `counters` the store's counter upserts, as store._insert_rows does."""
+    """The layout's insert of `rows`, and with `counters` the store's own counter upserts (store._insert_rows)."""
     conn.executemany(layout.insert_sql, parameters(layout, rows, seqs))
-    if not counters:
-        return
-    groups: dict[tuple[str, str, str], list] = {}
-    hours: dict[str, int] = {}
-    for row in rows:
-        key, collected, hour = (row[1], row[3], row[4]), row[5], row[6][:13]
-        group = groups.setdefault(key, [0, collected, collected])
-        group[0] += 1
-        group[1] = min(group[1], collected)
-        group[2] = max(group[2], collected)
-        hours[hour] = hours.get(hour, 0) + 1
-    conn.executemany(_COUNT_SQL, [(*key, *group) for key, group in groups.items()])
-    conn.executemany(_HOURLY_SQL, hours.items())
+    if counters:
+        _insert_rows(counters_only(conn), rows)
+
+
+def counters_only(conn: sqlite3.Connection) -> SimpleNamespace:
+    """`conn` as store._insert_rows sees it, running its counter upserts but not its insert into
+    today's table, so every layout counts with the store's code rather than a copy of it."""
+    def executemany(sql: str, params) -> None:
+        if sql != _INSERT_SQL:
+            conn.executemany(sql, params)
+    return SimpleNamespace(executemany=executemany)
 
 
 # -- databases -----------------------------------------------------------------------------------
