@@ -174,7 +174,7 @@ def cpu_use(before: CpuSnapshot, after: CpuSnapshot) -> dict:
 def prefill(db_path: Path, clinics: int, per_clinic: int) -> float:
     """Store clinics*per_clinic records (records_gen.prefill_records) through Store.insert, as the
     service stores them; return the seconds it took."""
-    from records_service.store import Store
+    from records_service.store.sqlite import SQLiteStore as Store
     from records_service.validate import validate_record
 
     started = time.perf_counter()
@@ -568,7 +568,7 @@ def _frame_file(frame: str) -> str:
 def _module_group(frame: str) -> str:
     path = _frame_file(frame)
     if path.startswith("records_service/"):
-        return path if path != "records_service/store.py" else "records_service/store.py (incl. sqlite3 C calls)"
+        return path if not path.startswith("records_service/store/") else f"{path} (incl. sqlite3 C calls)"
     for lib in ("falcon", "gunicorn"):
         if f"{lib}/" in path:
             return lib
