@@ -5,14 +5,19 @@ insert rates and migration time (issue 14, items 2, 3 and 7).
                                             [--frames-at 100000] [--inserts 20] [--queries 2000]
                                             [--chunk 1000] [--tmpdir DIR]
 
-Layouts (each a script that turns today's `records` into it, so the same script builds it on a
-fresh database and migrates a loaded one):
-  A  today's: migrations 1-7 of store.py (rowid table, covering clinic index that carries doc,
-     patient index, request index, UNIQUE test_id);
+Layouts (each a script that turns schema 7's `records` into it, so the same script builds it on
+a fresh database and migrates a loaded one):
+  A  schema 7, release 0.1.0's (rowid table, covering clinic index that carries doc, patient
+     index, request index, UNIQUE test_id; its insert and counters as tests/old_schemas.py
+     keeps them);
   B  `records` WITHOUT ROWID clustered by PRIMARY KEY (clinic_id, seq), no created_at/updated_at
      columns (they are in doc), UNIQUE test_id index, (clinic_id, patient_id, seq), (request_id);
-  C  today's rowid table with a narrow (clinic_id, seq) clinic index: pages are read from the table;
-  D  B without the request index (what that index costs in frames and bytes).
+  C  schema 7's rowid table with a narrow (clinic_id, seq) clinic index: pages are read from the table;
+  D  B without the request index (what that index costs in frames and bytes);
+  8  the schema chosen (migration 8, store/sqlite/schema.sql): B plus key_id, inserted by the
+     store's own `insert_rows`, its counters folded in outside the insert (so with and without
+     counters are the same for it: the fold's frames are not counted here, see
+     bench_write_cost.py); before its bytes are measured, one fold counts every loaded record.
 In B and D there is no rowid to number records, so the insert supplies seq: microseconds since
 the epoch at start, plus one per record (clinic order only needs seq rising within a clinic).
 
@@ -58,14 +63,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import count
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Iterator
+from typing import Callable, Iterator
 
 from bench_indexes import in_order, remove_database
 from common import log, log_command  # common puts the repository on sys.path
 from records_service import seed
-from records_service.store import _INSERT_SQL, _insert_rows, migrate, select_records
+from records_service.store.sqlite import counters
+from records_service.store.sqlite.migrations import MIGRATIONS, migrate
+from records_service.store.sqlite.records import insert_rows, select_records
 from records_service.validate import utc_millis
+from tests.old_schemas import COUNT_SQL, HOURLY_SQL, INSERT_SQL as INSERT_7, old_row
 
 WAL_HEADER = 32
 WAL_FRAME_HEADER = 24
@@ -109,18 +116,33 @@ class Layout:
     name: str
     summary: str
     from_today: str  # SQL turning migration 7's records into this layout, rows kept
-    insert_sql: str
-    supplies_seq: bool
+    insert: Callable[[sqlite3.Connection, list[tuple], Iterator[int]], None]  # NewRow-shaped rows
+    schema_7_counters: bool = True  # counted in the insert's transaction, as schema 7 did
+    fold_after_load: bool = False  # count the loaded records into schema 8's counters before measuring bytes
+
+
+def insert_as_schema_7(conn: sqlite3.Connection, rows: list[tuple], seqs: Iterator[int]) -> None:
+    conn.executemany(INSERT_7, map(old_row, rows))
+
+
+def insert_clustered(conn: sqlite3.Connection, rows: list[tuple], seqs: Iterator[int]) -> None:
+    conn.executemany(_CLUSTERED_INSERT_SQL, [(next(seqs), r[1], r[0], r[2], r[3], r[4], r[5], r[7], r[8]) for r in rows])
+
+
+def insert_as_store(conn: sqlite3.Connection, rows: list[tuple], seqs: Iterator[int]) -> None:
+    insert_rows(conn, rows, key_id=None)
 
 
 LAYOUTS = {layout.name: layout for layout in (
-    Layout("A", "today's (migrations 1-7)", "", _INSERT_SQL, False),
+    Layout("A", "schema 7 (release 0.1.0)", "", insert_as_schema_7),
     Layout("B", "WITHOUT ROWID (clinic_id, seq), request index", clustered_script(request_index=True),
-           _CLUSTERED_INSERT_SQL, True),
+           insert_clustered),
     Layout("C", "rowid table, narrow (clinic_id, seq) index",
            "DROP INDEX records_by_clinic; CREATE INDEX records_by_clinic ON records (clinic_id, seq);",
-           _INSERT_SQL, False),
-    Layout("D", "B without the request index", clustered_script(request_index=False), _CLUSTERED_INSERT_SQL, True),
+           insert_as_schema_7),
+    Layout("D", "B without the request index", clustered_script(request_index=False), insert_clustered),
+    Layout("8", "schema 8 as chosen, counters folded later", MIGRATIONS[8], insert_as_store, schema_7_counters=False,
+           fold_after_load=True),
 )}
 
 
@@ -136,7 +158,7 @@ def batches(rows: list[tuple], chunk: int) -> list[list[tuple]]:
 
 
 def with_request_id(row: tuple, request_id: str) -> tuple:
-    return (*row[:8], request_id, row[9].replace(f'"request_id": "{row[8]}"', f'"request_id": "{request_id}"'))
+    return (*row[:7], request_id, row[8].replace(f'"request_id": "{row[7]}"', f'"request_id": "{request_id}"'))
 
 
 def post_rows(records: int, clinics: int, rng_seed: int) -> list[tuple]:
@@ -144,32 +166,32 @@ def post_rows(records: int, clinics: int, rng_seed: int) -> list[tuple]:
     out = []
     for row in seed.seed_rows(records, clinics, datetime.now(timezone.utc), rng_seed=rng_seed, run="post"):
         test_id = f"lab-{uuid.uuid4().hex[:16]}"
-        row = (test_id, *row[1:9], row[9].replace(f'"test_id": "{row[0]}"', f'"test_id": "{test_id}"'))
+        row = (test_id, *row[1:8], row[8].replace(f'"test_id": "{row[0]}"', f'"test_id": "{test_id}"'))
         out.append(with_request_id(row, str(uuid.uuid4())))
     return out
 
 
-def parameters(layout: Layout, rows: list[tuple], seqs: Iterator[int]) -> list[tuple]:
-    """The insert's parameters for seed-shaped rows (store._row's shape)."""
-    if not layout.supplies_seq:
-        return rows
-    return [(next(seqs), r[1], r[0], r[2], r[3], r[4], r[5], r[8], r[9]) for r in rows]
-
-
 def insert(conn: sqlite3.Connection, layout: Layout, rows: list[tuple], seqs: Iterator[int], counters: bool) -> None:
-    """The layout's insert of `rows`, and with `counters` the store's own counter upserts (store._insert_rows)."""
-    conn.executemany(layout.insert_sql, parameters(layout, rows, seqs))
-    if counters:
-        _insert_rows(counters_only(conn), rows)
+    """The layout's insert of NewRow-shaped `rows`, and with `counters` schema 7's counter upserts."""
+    layout.insert(conn, rows, seqs)
+    if counters and layout.schema_7_counters:
+        count_as_schema_7(conn, rows)
 
 
-def counters_only(conn: sqlite3.Connection) -> SimpleNamespace:
-    """`conn` as store._insert_rows sees it, running its counter upserts but not its insert into
-    today's table, so every layout counts with the store's code rather than a copy of it."""
-    def executemany(sql: str, params) -> None:
-        if sql != _INSERT_SQL:
-            conn.executemany(sql, params)
-    return SimpleNamespace(executemany=executemany)
+def count_as_schema_7(conn: sqlite3.Connection, rows: list[tuple]) -> None:
+    """Release 0.1.0's counting in the insert's transaction: one upsert per clinic, test type and
+    status of the rows into clinic_counts, one per hour of created_at into hourly_ingest."""
+    groups: dict[tuple[str, str, str], list] = {}
+    hours: dict[str, int] = {}
+    for row in rows:
+        key, collected, hour = (row[1], row[3], row[4]), row[5], row[6][:13]
+        group = groups.setdefault(key, [0, collected, collected])
+        group[0] += 1
+        group[1] = min(group[1], collected)
+        group[2] = max(group[2], collected)
+        hours[hour] = hours.get(hour, 0) + 1
+    conn.executemany(COUNT_SQL, [(*key, *group) for key, group in groups.items()])
+    conn.executemany(HOURLY_SQL, hours.items())
 
 
 # -- databases -----------------------------------------------------------------------------------
@@ -191,7 +213,7 @@ def open_database(path: Path, cache_kib: int | None = None, mmap_bytes: int = 0)
 def build(path: Path, layout: Layout) -> sqlite3.Connection:
     remove_database(path)
     conn = open_database(path, LOAD_CACHE_KIB)
-    migrate(conn)
+    migrate(conn, upto=7)
     conn.executescript(f"BEGIN IMMEDIATE; {layout.from_today} COMMIT;")
     return conn
 
@@ -276,6 +298,10 @@ def load(path: Path, layout: Layout, chunks: list[list[tuple]], posts: list[tupl
                                   False: wal_frames(conn, path, layout, posts[half:], seqs, counters=False)}
         figures.rate_interleaved = loaded / elapsed
         figures.records = loaded + len(posts)
+        if layout.fold_after_load:
+            conn.execute("BEGIN IMMEDIATE")
+            counters.fold(conn)
+            conn.execute("COMMIT")
         checkpoint(conn)
         figures.file_bytes = path.stat().st_size
         figures.objects = bytes_by_object(conn)
@@ -346,7 +372,7 @@ def read_pages(path: Path, queries: dict[str, list[tuple[str, list]]], figures: 
 
 
 def migrate_from_today(source: Path, path: Path, layout: Layout, figures: Figures) -> None:
-    """Copy the loaded A database, run the layout's script on it in one transaction, then checkpoint."""
+    """Copy the loaded A database (schema 7), run the layout's script on it in one transaction, then checkpoint."""
     remove_database(path)
     shutil.copyfile(source, path)
     conn = open_database(path, LOAD_CACHE_KIB)
@@ -433,6 +459,7 @@ def main() -> int:
     p.add_argument("--queries", type=int, default=2000, help="page queries per filter and mmap setting")
     p.add_argument("--chunk", type=int, default=1000, help="rows per transaction while loading")
     p.add_argument("--tmpdir", default=None, help="where the scratch databases go")
+    p.add_argument("--no-migration", action="store_true", help="skip the migrations from a loaded A (and A's load when A is not listed)")
     args = p.parse_args()
     names = args.layouts.split(",")
     if set(names) - set(LAYOUTS) or min(args.records, args.clinics, args.frames_at, args.inserts, args.queries,
@@ -466,13 +493,14 @@ def main() -> int:
                 remove_database(path)
             log(f"{name}: loading by clinic")
             f.rate_by_clinic = insert_rate(Path(tmp) / f"{name}-by-clinic.db", layout, by_clinic, seqs)
-        if not today.exists():
-            log("A: loading, to migrate from")
-            load(today, LAYOUTS["A"], interleaved, posts, args.frames_at, seqs, Figures())
-        for name in names:
-            if name != "A":
-                log(f"{name}: migrating from a loaded A")
-                migrate_from_today(today, Path(tmp) / f"{name}-migrated.db", LAYOUTS[name], figures[name])
+        if not args.no_migration:
+            if not today.exists():
+                log("A: loading, to migrate from")
+                load(today, LAYOUTS["A"], interleaved, posts, args.frames_at, seqs, Figures())
+            for name in names:
+                if name != "A":
+                    log(f"{name}: migrating from a loaded A")
+                    migrate_from_today(today, Path(tmp) / f"{name}-migrated.db", LAYOUTS[name], figures[name])
         log(f"done, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     report(figures, args)
     return 0
