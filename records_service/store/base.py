@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from typing import Callable, Iterable, Iterator, NamedTuple, Protocol, TypeVar
 
 from .errors import AlreadyVoided, StoreBusy
@@ -21,10 +22,12 @@ log = logging.getLogger("records_service.store")
 T = TypeVar("T")
 
 # How many of a process's threads may wait to write at once (the `writers` of open_store). Past
-# it a write is refused at once (503, Retry-After) instead of holding a thread that reads need:
-# with another writer holding the database, waiting writes would otherwise take every thread
-# (issue 17). Waiting for a slot a little smooths bursts; it never comes near the busy bound.
-WRITE_SLOT_WAIT_S = 0.1
+# it a write is refused (503, Retry-After) instead of holding a thread that reads need: with
+# another writer holding the database, waiting writes would otherwise take every thread (issue
+# 17). While slots keep being given back (writes are flowing) a write waits up to
+# WRITE_SLOT_WAIT_S for one; once none has been given back for WRITES_STUCK_S, it is refused at once.
+WRITE_SLOT_WAIT_S = 0.25
+WRITES_STUCK_S = 0.25
 
 
 class Stored(NamedTuple):
@@ -79,23 +82,28 @@ def action_of(version: int, status: str) -> str:
 
 
 class WriterSlots:
-    """At most `writers` threads of this process inside a write at once (None: no bound); a
-    write waits `wait_s` at most for a slot."""
+    """At most `writers` threads of this process inside a write at once (None: no bound); while
+    writes flow, a write waits `wait_s` at most for a slot."""
 
     def __init__(self, writers: int | None, wait_s: float = WRITE_SLOT_WAIT_S) -> None:
         self._slots = threading.BoundedSemaphore(writers) if writers else None
         self._wait_s = wait_s
+        self._slot_given_back = time.monotonic()
 
     def run(self, write: Callable[[], T]) -> T:
         if self._slots is None:
             return write()
-        if not self._slots.acquire(timeout=self._wait_s):
-            log.warning("too many writes waiting for the database in this process; write refused")
-            raise StoreBusy("too many writes are waiting for the database")
+        if not self._slots.acquire(blocking=False):
+            flowing = time.monotonic() - self._slot_given_back < WRITES_STUCK_S
+            if not (flowing and self._slots.acquire(timeout=self._wait_s)):
+                log.warning("too many writes waiting for the database in this process; write refused")
+                raise StoreBusy("too many writes are waiting for the database")
+            self._slot_given_back = time.monotonic()
         try:
             return write()
         finally:
             self._slots.release()
+            self._slot_given_back = time.monotonic()
 
 
 class Store(Protocol):

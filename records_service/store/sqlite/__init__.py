@@ -139,15 +139,21 @@ class SQLiteStore:
             lambda conn: records.existing(conn, test_ids)).items()}
 
     def bulk_insert(self, rows: Iterable[tuple], chunk_rows: int = 50_000) -> Iterator[int]:
-        """Insert NewRow-shaped rows in transactions of `chunk_rows`, yielding the running count after
-        each commit, then count them in (seed)."""
-        rows = iter(rows)
-        total = 0
+        """Insert NewRow-shaped rows, yielding the running count as it goes, then count them in (seed).
+
+        Into an empty database the rows are staged, then loaded in key order with the secondary
+        indexes built afterwards (`records.load_in_key_order`); into one that holds records,
+        they go in transactions of `chunk_rows` like any batch."""
         conn = self._db.connection()
         # For the load only: a cache that holds the indexes being extended (the default 2 MiB
         # re-reads them from the OS for every row).
         conn.execute("PRAGMA cache_size = -262144")
         try:
+            if not self._db.read("SELECT 1 FROM records LIMIT 1"):
+                yield from records.load_in_key_order(self._db, rows, chunk_rows)
+                return
+            rows = iter(rows)
+            total = 0
             while chunk := list(islice(rows, chunk_rows)):
                 self._write(lambda conn: records.insert_rows(conn, chunk, None))
                 total += len(chunk)
