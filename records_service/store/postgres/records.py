@@ -90,6 +90,8 @@ def lock_clinics(conn: psycopg.Connection, clinics: list[str]) -> None:
 def insert_rows(conn: psycopg.Connection, rows: list[tuple], key_id: str | None) -> set[str]:
     """Insert `NewRow`-shaped rows inside the caller's transaction, counted in; return the
     test_ids inserted (one already taken, by a writer that committed meanwhile, is not)."""
+    if not rows:
+        return set()
     lock_clinics(conn, list({row[1] for row in rows}))
     base = time.time_ns() // 1000
     test_id, clinic_id, patient_id, test_type, status, collected, created, request_id, doc = zip(*rows)
