@@ -82,12 +82,10 @@ def action_of(version: int, status: str) -> str:
 
 
 class WriterSlots:
-    """At most `writers` threads of this process inside a write at once (None: no bound); while
-    writes flow, a write waits `wait_s` at most for a slot."""
+    """At most `writers` threads of this process inside a write at once (None: no bound)."""
 
-    def __init__(self, writers: int | None, wait_s: float = WRITE_SLOT_WAIT_S) -> None:
+    def __init__(self, writers: int | None) -> None:
         self._slots = threading.BoundedSemaphore(writers) if writers else None
-        self._wait_s = wait_s
         self._slot_given_back = time.monotonic()
 
     def run(self, write: Callable[[], T]) -> T:
@@ -95,7 +93,7 @@ class WriterSlots:
             return write()
         if not self._slots.acquire(blocking=False):
             flowing = time.monotonic() - self._slot_given_back < WRITES_STUCK_S
-            if not (flowing and self._slots.acquire(timeout=self._wait_s)):
+            if not (flowing and self._slots.acquire(timeout=WRITE_SLOT_WAIT_S)):
                 log.warning("too many writes waiting for the database in this process; write refused")
                 raise StoreBusy("too many writes are waiting for the database")
             self._slot_given_back = time.monotonic()

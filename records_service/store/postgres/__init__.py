@@ -37,11 +37,7 @@ class PostgresStore(EngineStore):
         self.url = url
         self._busy_timeout_ms = busy_timeout_ms
         self._db = Database(url, busy_timeout_ms=busy_timeout_ms, on_connect=migrate)
-        # Writes to different clinics run side by side here, and while they flow a slot frees at
-        # every commit: under a burst (32 clients, 4 clinics, a loaded machine) one took longer
-        # than SQLite's wait to free while nothing was stuck. While writes flow, a write waits for
-        # a slot as for any lock, up to the bound; once they are stuck, it is refused at once.
-        self._slots = WriterSlots(writers, wait_s=busy_timeout_ms / 1000)
+        self._slots = WriterSlots(writers)
 
     # -- life cycle ------------------------------------------------------------------------
 
