@@ -82,26 +82,39 @@ def action_of(version: int, status: str) -> str:
 
 
 class WriterSlots:
-    """At most `writers` threads of this process inside a write at once (None: no bound)."""
+    """At most `writers` threads of this process inside a write at once (None: no bound). While
+    writes flow, a write waits up to `wait_s` for a slot; as soon as none has been given back for
+    WRITES_STUCK_S, it is refused (at once, or mid-wait), so waiting writes never keep the
+    threads reads need."""
 
-    def __init__(self, writers: int | None) -> None:
+    def __init__(self, writers: int | None, wait_s: float = WRITE_SLOT_WAIT_S) -> None:
         self._slots = threading.BoundedSemaphore(writers) if writers else None
+        self._wait_s = wait_s
         self._slot_given_back = time.monotonic()
 
     def run(self, write: Callable[[], T]) -> T:
         if self._slots is None:
             return write()
-        if not self._slots.acquire(blocking=False):
-            flowing = time.monotonic() - self._slot_given_back < WRITES_STUCK_S
-            if not (flowing and self._slots.acquire(timeout=WRITE_SLOT_WAIT_S)):
-                log.warning("too many writes waiting for the database in this process; write refused")
-                raise StoreBusy("too many writes are waiting for the database")
-            self._slot_given_back = time.monotonic()
+        if not self._take():
+            log.warning("too many writes waiting for the database in this process; write refused")
+            raise StoreBusy("too many writes are waiting for the database")
         try:
             return write()
         finally:
             self._slots.release()
             self._slot_given_back = time.monotonic()
+
+    def _take(self) -> bool:
+        if self._slots.acquire(blocking=False):
+            return True
+        deadline = time.monotonic() + self._wait_s
+        while True:
+            now = time.monotonic()
+            if now - self._slot_given_back >= WRITES_STUCK_S or now >= deadline:
+                return False
+            if self._slots.acquire(timeout=min(WRITES_STUCK_S / 5, deadline - now)):
+                self._slot_given_back = time.monotonic()
+                return True
 
 
 # The filters a collection query may carry, each one condition on a column (`{p}`: the

@@ -37,7 +37,11 @@ class PostgresStore(EngineStore):
         self.url = url
         self._busy_timeout_ms = busy_timeout_ms
         self._db = Database(url, busy_timeout_ms=busy_timeout_ms, on_connect=migrate)
-        self._slots = WriterSlots(writers)
+        # Writes to different clinics run side by side here, but a clinic's take turns through
+        # their commit: under a burst on a loaded machine a slot took longer than SQLite's wait to
+        # free while writes flowed. So a write waits for one up to the bound while they flow (and
+        # is refused as on SQLite once they are stuck).
+        self._slots = WriterSlots(writers, wait_s=busy_timeout_ms / 1000)
 
     # -- life cycle ------------------------------------------------------------------------
 
