@@ -177,3 +177,91 @@ class Writers:
         self._stop.set()
         for t in self._threads:
             t.join()
+
+
+NGINX_CONF = REPO / "deploy" / "nginx.conf"
+
+
+def render_nginx_conf(directory: Path, port: int, upstreams: list[str], **overrides: str) -> Path:
+    """deploy/nginx.conf as a test runs it, written into `directory`.
+
+    Only what a test must change is changed, each line replaced exactly (so an edit of one of
+    these lines in the shipped file fails here instead of going untested): the listen port, the
+    upstream `server` lines (`host:port` each), the user (the one running the tests) and the
+    paths (inside `directory`). `overrides` replaces the value of other directives, for tests
+    that provoke a timeout or a limit quickly (e.g. proxy_read_timeout="1s").
+    """
+    import grp
+    import pwd
+
+    text = NGINX_CONF.read_text()
+    user = pwd.getpwuid(os.getuid()).pw_name
+    group = grp.getgrgid(os.getgid()).gr_name
+    replacements = {
+        "user www-data;": f"user {user} {group};",
+        "pid /run/nginx.pid;": f"pid {directory}/nginx.pid;",
+        "error_log /var/log/nginx/error.log warn;": f"error_log {directory}/error.log info;",
+        "access_log /var/log/nginx/access.log records_service;": f"access_log {directory}/access.log records_service;",
+        "client_body_temp_path /var/lib/nginx/body;": f"client_body_temp_path {directory}/body;",
+        "proxy_temp_path /var/lib/nginx/proxy;": f"proxy_temp_path {directory}/proxy;",
+        "listen 80 default_server;": f"listen 127.0.0.1:{port} default_server;",
+        "server 127.0.0.1:8000 max_fails=1 fail_timeout=5s;":
+            " ".join(f"server {u} max_fails=1 fail_timeout=5s;" for u in upstreams),
+    }
+    for directive, value in overrides.items():
+        found = re.findall(rf"^\s*{directive} [^;]*;", text, re.MULTILINE)
+        assert len(found) == 1, f"{directive} appears {len(found)} times in {NGINX_CONF}"
+        replacements[found[0].strip()] = f"{directive} {value};"
+    for line, replacement in replacements.items():
+        assert text.count(line) == 1, f"{NGINX_CONF} no longer has exactly one {line!r}"
+        text = text.replace(line, replacement)
+    rendered = directory / "nginx.conf"
+    rendered.write_text(text)
+    return rendered
+
+
+@dataclass
+class Nginx:
+    """Debian's nginx running deploy/nginx.conf in the foreground, in front of `upstreams`."""
+
+    directory: Path
+    upstreams: list[str]
+    overrides: dict = field(default_factory=dict)
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    def start(self, deadline_s: float = 10) -> "Nginx":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        conf = render_nginx_conf(self.directory, self.port, self.upstreams, **self.overrides)
+        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(self.directory), "-g", "daemon off;"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nginx exited with {self.proc.returncode}:\n{self.error_log()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise AssertionError(f"nginx did not listen on port {self.port} within {deadline_s}s:\n{self.error_log()}")
+
+    def request(self, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 30) -> Response:
+        return request(self.port, method, path, body, headers, timeout)
+
+    def error_log(self) -> str:
+        path = self.directory / "error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def access_log(self) -> list[dict]:
+        """nginx's access log, one JSON object a line; a line that is not JSON fails the test."""
+        path = self.directory / "access.log"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def stop(self) -> None:
+        """SIGKILL the master and its workers (their own process group)."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
