@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -71,14 +72,29 @@ class Server:
 
     def start(self, deadline_s: float = 20) -> "Server":
         self.port = free_port()
-        env = {**os.environ, "RECORDS_DB_PATH": str(self.db_path), "RECORDS_AUTH": "disabled", **self.env}
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [GUNICORN, "-c", str(REPO / "gunicorn.conf.py"), "-b", f"127.0.0.1:{self.port}", "-w", str(self.workers)],
-            cwd=self.log_path.parent, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        self.proc = subprocess.Popen(self._command(), cwd=self.log_path.parent, env=self._env(), stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_until_serving(deadline_s)
         return self
+
+    def _command(self) -> list[str]:
+        return [GUNICORN, "-c", str(REPO / "gunicorn.conf.py"), "-b", f"127.0.0.1:{self.port}", "-w", str(self.workers)]
+
+    def _env(self) -> dict:
+        return {**os.environ, "RECORDS_DB_PATH": str(self.db_path), "RECORDS_AUTH": "disabled", **self.env}
+
+    def setting(self, name: str) -> str:
+        """The value gunicorn uses for one of its settings with this server's config and options."""
+        out = subprocess.run([*self._command(), "--print-config"], cwd=self.log_path.parent, env=self._env(),
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        match = re.search(rf"^{name}\s*=\s*(.*)$", out, re.MULTILINE)
+        assert match, f"gunicorn --print-config shows no {name}"
+        return match.group(1).strip()
+
+    def request_slots(self) -> int:
+        """How many requests this server reads at once: workers x threads per worker."""
+        return int(self.setting("workers")) * int(self.setting("threads"))
 
     def wait_until_serving(self, deadline_s: float) -> None:
         deadline = time.monotonic() + deadline_s
@@ -265,3 +281,85 @@ class Nginx:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+
+class SlowClients:
+    """`count` raw connections to `port` that each send `head` at once, then one byte of `body`
+    every `interval` seconds (a client on a very slow link, or a deliberate attacker), for as
+    long as the block lasts or until the server answers or closes.
+
+    `answers` holds what each connection got back (b"" for a connection closed unanswered);
+    a connection still sending when the block ends is left out of it.
+    """
+
+    def __init__(self, port: int, head: bytes, body: bytes, count: int, interval: float = 1.0) -> None:
+        self.answers: list[bytes] = []
+        self._port, self._head, self._body, self._interval = port, head, body, interval
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._dribble) for _ in range(count)]
+        self._lock = threading.Lock()
+        self.started = threading.Barrier(count + 1)
+
+    def _dribble(self) -> None:
+        with socket.create_connection(("127.0.0.1", self._port), timeout=5) as sock:
+            sock.sendall(self._head)
+            self.started.wait()
+            for byte in self._body:
+                readable, _, _ = select.select([sock], [], [], self._interval)
+                if readable or self._stop.is_set():
+                    break
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    break
+            if self._stop.is_set():
+                return
+            answer = b""
+            try:
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            except OSError:
+                pass
+            with self._lock:
+                self.answers.append(answer)
+
+    def __enter__(self) -> "SlowClients":
+        for t in self._threads:
+            t.start()
+        self.started.wait()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def wait(self, deadline_s: float) -> None:
+        """Until every connection was answered or closed."""
+        end = time.monotonic() + deadline_s
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
+        assert not any(t.is_alive() for t in self._threads), f"slow clients still sending after {deadline_s}s"
+
+
+def send_raw(port: int, data: bytes, timeout: float) -> tuple[bytes, float]:
+    """Send `data` on a fresh connection, then read until the server closes it or `timeout`:
+    (what came back, seconds until the server closed the connection or the read failed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        started = time.monotonic()
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+        return answer, time.monotonic() - started
+
+
+def parse_raw_response(raw: bytes) -> Response:
+    """A response as read off the wire by send_raw (Content-Length framed)."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return Response(int(status_line.split()[1]), headers, body)
