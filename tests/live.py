@@ -145,10 +145,21 @@ class Server:
         return self.proc.returncode
 
     def kill(self) -> None:
-        """SIGKILL the whole process group: master and every worker, no chance to clean up."""
+        """SIGKILL the whole process group: master and every worker, no chance to clean up.
+
+        Returns once the port refuses connections: a worker that outlives the master for a moment
+        still holds the listening socket, and a client (nginx) would connect to a dying server.
+        """
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                except OSError:
+                    break
+                time.sleep(0.01)
         self._log.close()
 
 
