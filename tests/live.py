@@ -7,6 +7,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -209,6 +210,21 @@ class Writers:
 NGINX_CONF = REPO / "deploy" / "nginx.conf"
 
 
+def nginx_binary() -> str:
+    """Debian's nginx, installed as .ci/run does when it is missing (nginx-light, else nginx)."""
+    found = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
+    if found:
+        return found
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env)
+    for package in ("nginx-light", "nginx"):
+        if subprocess.run(["apt-get", "install", "-y", "-qq", package], capture_output=True, env=env).returncode == 0:
+            break
+    found = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
+    assert found, "nginx is missing and could not be installed: apt-get install -y nginx-light (as root)"
+    return found
+
+
 def render_nginx_conf(directory: Path, port: int, upstreams: list[str], **overrides: str) -> Path:
     """deploy/nginx.conf as a test runs it, written into `directory`.
 
@@ -261,7 +277,7 @@ class Nginx:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         conf = render_nginx_conf(self.directory, self.port, self.upstreams, **self.overrides)
-        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(self.directory), "-g", "daemon off;"],
+        self.proc = subprocess.Popen([nginx_binary(), "-c", str(conf), "-p", str(self.directory), "-g", "daemon off;"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
