@@ -341,12 +341,7 @@ class SlowClients:
                     break
             if self._stop.is_set():
                 return
-            answer = b""
-            try:
-                while chunk := sock.recv(65536):
-                    answer += chunk
-            except OSError:
-                pass
+            answer = read_until_closed(sock, tolerate=(OSError,))
             with self._lock:
                 self.answers.append(answer)
 
@@ -375,13 +370,19 @@ def send_raw(port: int, data: bytes, timeout: float) -> tuple[bytes, float]:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(data)
         started = time.monotonic()
-        answer = b""
-        try:
-            while chunk := sock.recv(65536):
-                answer += chunk
-        except ConnectionResetError:
-            pass
+        answer = read_until_closed(sock)
         return answer, time.monotonic() - started
+
+
+def read_until_closed(sock: socket.socket, tolerate: tuple[type[OSError], ...] = (ConnectionResetError,)) -> bytes:
+    """Everything the peer sends until it closes the connection (or one of `tolerate` is raised)."""
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except tolerate:
+        pass
+    return answer
 
 
 def parse_raw_response(raw: bytes) -> Response:
