@@ -33,6 +33,14 @@ def upstream(server) -> str:
     return f"127.0.0.1:{server.port}"
 
 
+def get_until(proxy, path: str, status: int, deadline_s: float = 5):
+    """GET `path` until the answer has `status`, for `deadline_s` at most; the last answer."""
+    deadline = time.monotonic() + deadline_s
+    while (resp := proxy.request("GET", path)).status != status and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return resp
+
+
 def served(server) -> list[dict]:
     """The completion line of every request gunicorn served, but the /health probes of start-up."""
     return [line for line in server.log_lines() if line["message"] == "request completed" and line["path"] != "/health"]
@@ -162,14 +170,13 @@ def test_504_problem_when_gunicorn_does_not_answer_in_time_and_the_retried_post_
 def test_503_problem_when_one_client_holds_too_many_connections(start_server, start_nginx):
     server = start_server(workers=1)
     proxy = start_nginx([upstream(server)], limit_conn="records_per_client 1")
+    # nginx counts a connection from when it has read its headers to when it sees it closed, a
+    # moment after the client's side of each: ask until the answer changes.
     with SlowClients(proxy.port, post_head(), BODY, count=1):
-        deadline = time.monotonic() + 5
-        # nginx counts the slow connection once it has read its headers, a moment after they were sent
-        while (resp := proxy.request("GET", "/health")).status == 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        resp = get_until(proxy, "/health", 503)
     assert_problem(resp, 503, "too-many-connections")
     assert int(resp.headers["retry-after"]) >= 1
-    assert proxy.request("GET", "/health").status == 200
+    assert get_until(proxy, "/health", 200).status == 200
 
 
 def test_two_upstreams_one_down_every_request_is_served_by_the_other(start_server, start_nginx, tmp_path):
