@@ -18,8 +18,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
+
+
+def debian_command(command: str, package: str) -> str:
+    """The path of `command`, installing Debian's `package` with apt-get when it is missing.
+
+    Skips (saying why) only where it cannot be installed: no apt-get, or not root.
+    """
+    found = shutil.which(command)
+    if found:
+        return found
+    if not shutil.which("apt-get"):
+        pytest.skip(f"{command} is not installed and there is no apt-get to install it")
+    if os.geteuid() != 0:
+        pytest.skip(f"{command} is not installed and installing it needs root (apt-get install -y {package})")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "--no-install-recommends", package]
+    out = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
+    if out.returncode != 0:  # the package lists may be stale or absent: refresh once
+        subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=300)
+        out = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
+    if out.returncode != 0 or not shutil.which(command):
+        pytest.skip(f"{command} could not be installed: {(out.stderr or out.stdout).strip()[-300:]}")
+    return shutil.which(command)
 
 
 def free_port() -> int:
@@ -210,21 +235,6 @@ class Writers:
 NGINX_CONF = REPO / "deploy" / "nginx.conf"
 
 
-def nginx_binary() -> str:
-    """Debian's nginx, installed as .ci/run does when it is missing (nginx-light, else nginx)."""
-    found = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
-    if found:
-        return found
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env)
-    for package in ("nginx-light", "nginx"):
-        if subprocess.run(["apt-get", "install", "-y", "-qq", package], capture_output=True, env=env).returncode == 0:
-            break
-    found = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
-    assert found, "nginx is missing and could not be installed: apt-get install -y nginx-light (as root)"
-    return found
-
-
 def render_nginx_conf(directory: Path, port: int, upstreams: list[str], **overrides: str) -> Path:
     """deploy/nginx.conf as a test runs it, written into `directory`.
 
@@ -277,7 +287,7 @@ class Nginx:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         conf = render_nginx_conf(self.directory, self.port, self.upstreams, **self.overrides)
-        self.proc = subprocess.Popen([nginx_binary(), "-c", str(conf), "-p", str(self.directory), "-g", "daemon off;"],
+        self.proc = subprocess.Popen([debian_command("nginx", "nginx-light"), "-c", str(conf), "-p", str(self.directory), "-g", "daemon off;"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
