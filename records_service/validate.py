@@ -61,6 +61,22 @@ class NonFinite:
         return self.literal
 
 
+class Unrepresentable:
+    """Stands in for a number that would not be stored as sent: a non-zero literal that a float
+    rounds to 0 (`1e-400`, `0.000…1` with a million zeros). Never echoes the literal."""
+
+
+_EXPONENT_RE = re.compile(r"[eE]")
+_NON_ZERO_DIGIT_RE = re.compile(r"[1-9]")
+
+
+def _parse_float(literal: str) -> float | Unrepresentable:
+    value = float(literal)
+    if value == 0.0 and _NON_ZERO_DIGIT_RE.search(_EXPONENT_RE.split(literal, 1)[0]):
+        return Unrepresentable()
+    return value
+
+
 class JSONObject(dict):
     """A parsed object that remembers keys it saw more than once (json keeps only the last)."""
 
@@ -75,7 +91,7 @@ def _object_pairs(pairs: list[tuple[str, Any]]) -> dict:
     return obj
 
 
-_decoder = json.JSONDecoder(object_pairs_hook=_object_pairs, parse_constant=NonFinite)
+_decoder = json.JSONDecoder(object_pairs_hook=_object_pairs, parse_constant=NonFinite, parse_float=_parse_float)
 
 
 def parse_json(body: bytes, what: str = "the body") -> Any:
@@ -169,6 +185,8 @@ def _check_result(value: Any) -> str | None:
         return "must be a number or a string, not a boolean"
     if isinstance(value, NonFinite):
         return f"must be a finite number ({value.literal} is not allowed)"
+    if isinstance(value, Unrepresentable):
+        return "must be a number that can be stored as sent: this one is not zero but is too small, it would be stored as 0"
     if isinstance(value, int):
         return None
     if isinstance(value, float):

@@ -107,6 +107,14 @@ def test_duplicate_keys_non_finite_numbers_and_non_objects_are_400(client, raw):
     assert_problem(post(client, raw), 400)
 
 
+@pytest.mark.parametrize("result", [b"1e-400", b"0." + b"0" * 1_000_000 + b"1"])
+def test_a_number_that_would_be_stored_as_zero_is_400_naming_result(client, record, result):
+    raw = json.dumps({**record, "result": "RESULT"}).encode().replace(b'"RESULT"', result)
+    body = assert_problem(post(client, raw), 400)
+    assert [e["field"] for e in body["errors"]] == ["result"]
+    assert client.simulate_get(f"/tests/{record['test_id']}").status_code == 404
+
+
 @pytest.mark.parametrize("raw", [b"", b"{", b"\xff", b"[" * 100_000, b'{"a":' * 100_000, b"9" * 10_000])
 def test_malformed_or_hostile_json_is_400_not_a_crash(client, raw):
     body = assert_problem(post(client, raw), 400)

@@ -186,9 +186,29 @@ def test_non_finite_literals_are_rejected_naming_the_field(literal):
 
 
 def test_a_number_too_large_for_a_float_is_rejected():
-    doc = parse_json(b'{"test_id": "a", "clinic_id": "C1", "patient_id": "P", "test_type": "x",'
-                     b' "result": 1e400, "collected_at": "2025-05-01T10:00:00Z"}')
-    assert [e["field"] for e in validate_record(doc, NOW)[1]] == ["result"]
+    assert [e["field"] for e in validate_record(parse_json(_with_result(b"1e400")), NOW)[1]] == ["result"]
+
+
+def _with_result(literal: bytes) -> bytes:
+    return (b'{"test_id": "a", "clinic_id": "C1", "patient_id": "P", "test_type": "x",'
+            b' "result": ' + literal + b', "collected_at": "2025-05-01T10:00:00Z"}')
+
+
+@pytest.mark.parametrize("literal", [
+    b"1e-400", b"-1e-400", b"4.9e-325", b"0." + b"0" * 1_000_000 + b"1", b"0.0000000000000000000000000001e-300",
+])
+def test_a_non_zero_number_that_would_be_stored_as_zero_is_rejected_naming_result(literal):
+    record, errors = validate_record(parse_json(_with_result(literal)), NOW)
+    assert record is None and [e["field"] for e in errors] == ["result"]
+    assert "stored as 0" in errors[0]["message"]
+
+
+@pytest.mark.parametrize("literal, stored", [
+    (b"0.0", 0.0), (b"-0.0", 0.0), (b"0e-400", 0.0), (b"0.000e5", 0.0), (b"1e-300", 1e-300), (b"5e-324", 5e-324),
+])
+def test_zero_and_the_smallest_floats_are_stored_as_sent(literal, stored):
+    record, errors = validate_record(parse_json(_with_result(literal)), NOW)
+    assert errors == [] and record["result"] == stored
 
 
 @pytest.mark.parametrize("body", [
