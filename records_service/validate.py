@@ -12,7 +12,7 @@ import math
 import re
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
-from typing import Any
+from typing import Any, Iterator
 
 ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:-]*$"
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*", re.ASCII)
@@ -94,50 +94,111 @@ def _object_pairs(pairs: list[tuple[str, Any]]) -> dict:
 _decoder = json.JSONDecoder(object_pairs_hook=_object_pairs, parse_constant=NonFinite, parse_float=_parse_float)
 
 
-def parse_json(body: bytes, what: str = "the body") -> Any:
-    """Decode UTF-8 JSON strictly; raise MalformedJSON with a client-safe message about `what`."""
+def _text(body: bytes, what: str) -> str:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MalformedJSON(f"{what} is not valid UTF-8 (byte {exc.start})") from None
     if not text.strip():
         raise MalformedJSON(f"{what} is empty; expected a JSON document")
+    return text
+
+
+def _malformed(exc: ValueError | RecursionError, what: str) -> MalformedJSON:
+    """The client-safe MalformedJSON for what the decoder raised."""
+    if isinstance(exc, json.JSONDecodeError):
+        return MalformedJSON(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+    if isinstance(exc, RecursionError):
+        return MalformedJSON(f"{what} is not acceptable JSON: nested too deeply")
+    # int() refuses numbers with thousands of digits (CPython's int_max_str_digits).
+    return MalformedJSON(f"{what} is not acceptable JSON: a number has too many digits")
+
+
+def parse_json(body: bytes, what: str = "the body") -> Any:
+    """Decode UTF-8 JSON strictly; raise MalformedJSON with a client-safe message about `what`."""
+    text = _text(body, what)
     try:
         return _decoder.decode(text)
-    except json.JSONDecodeError as exc:
-        raise MalformedJSON(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except RecursionError:
-        raise MalformedJSON(f"{what} is not acceptable JSON: nested too deeply") from None
-    except ValueError:
-        # int() refuses numbers with thousands of digits (CPython's int_max_str_digits).
-        raise MalformedJSON(f"{what} is not acceptable JSON: a number has too many digits") from None
+    except (ValueError, RecursionError) as exc:
+        raise _malformed(exc, what) from None
 
 
 class InvalidBatch(ValueError):
     """A batch body that parses but is not an array of records."""
 
 
-def parse_batch(body: bytes, ndjson: bool) -> list[Any]:
-    """The items of a batch body, in order.
+class TooManyRecords(ValueError):
+    """A batch with more records than the limit; raised before any record past it is parsed."""
 
-    NDJSON: one item per non-blank line, each parsed on its own; a line that does not parse
-    stands in the list as its MalformedJSON, so it fails that record and not the batch.
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the batch has more than {limit} records, the limit; nothing was stored")
+
+
+# The start of a line that is not blank (bytes.strip()'s whitespace), found without splitting
+# the body: a 16 MiB body of short lines split at once is millions of objects.
+_RECORD_LINE_RE = re.compile(rb"^[ \t\r\f\v]*[^ \t\r\f\v\n]", re.MULTILINE)
+_JSON_SPACE_RE = re.compile(r"[ \t\n\r]*")
+
+
+def parse_batch(body: bytes, ndjson: bool, max_records: int) -> Iterator[Any]:
+    """The items of a batch body, in order, parsed one at a time as they are consumed, so a
+    batch never holds more than one parsed item the caller has not kept.
+
+    The items are counted first (TooManyRecords past `max_records`, without going further).
+    NDJSON: one item per non-blank line; a line that does not parse is yielded as its
+    MalformedJSON, so it fails that record and not the batch.
     JSON: the items of the array; a body that does not parse raises MalformedJSON, one that is
     not an array InvalidBatch.
     """
     if not ndjson:
-        items = parse_json(body)
-        if not isinstance(items, list):
-            raise InvalidBatch("a JSON batch must be an array of records")
-        return items
-    items: list[Any] = []
-    for line in body.split(b"\n"):
-        if line.strip():
-            try:
-                items.append(parse_json(line, "the line"))
-            except MalformedJSON as exc:
-                items.append(exc)
-    return items
+        text = _text(body, "the body")
+        for count, _ in enumerate(_array_items(text, _counting_decoder), start=1):
+            if count > max_records:
+                raise TooManyRecords(max_records)
+        return _array_items(text, _decoder)
+    starts = []
+    for line in _RECORD_LINE_RE.finditer(body):
+        if len(starts) == max_records:
+            raise TooManyRecords(max_records)
+        starts.append(line.start())
+    return _lines(body, starts)
+
+
+def _lines(body: bytes, starts: list[int]) -> Iterator[Any]:
+    for start in starts:
+        end = body.find(b"\n", start)
+        try:
+            yield parse_json(body[start:end if end >= 0 else len(body)], "the line")
+        except MalformedJSON as exc:
+            yield exc
+
+
+# Only finds where the items of an array end: C-speed plain dicts, nothing kept.
+_counting_decoder = json.JSONDecoder()
+
+
+def _array_items(text: str, decoder: json.JSONDecoder) -> Iterator[Any]:
+    """The items of the JSON array `text`, decoded one by one."""
+    pos = _JSON_SPACE_RE.match(text).end()
+    if not text.startswith("[", pos):
+        raise InvalidBatch("a JSON batch must be an array of records")
+    pos = _JSON_SPACE_RE.match(text, pos + 1).end()
+    closed = text.startswith("]", pos)
+    while not closed:
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except (ValueError, RecursionError) as exc:
+            raise _malformed(exc, "the body") from None
+        yield item
+        pos = _JSON_SPACE_RE.match(text, pos).end()
+        closed = text.startswith("]", pos)
+        if not closed:
+            if not text.startswith(",", pos):
+                raise _malformed(json.JSONDecodeError("Expecting ',' delimiter", text, pos), "the body")
+            pos = _JSON_SPACE_RE.match(text, pos + 1).end()
+    pos = _JSON_SPACE_RE.match(text, pos + 1).end()
+    if pos != len(text):
+        raise _malformed(json.JSONDecodeError("Extra data", text, pos), "the body")
 
 
 def _error(field: str | None, message: str) -> FieldError:

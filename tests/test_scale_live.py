@@ -12,8 +12,11 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
 from records_service.seed import seed_rows
 from records_service.store import Store
+from tests.live import AnonPeak
 from tests.test_gunicorn import make_record
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -165,3 +168,23 @@ def test_a_client_that_hangs_up_mid_export_leaves_the_worker_serving(start_serve
     # The same worker reads and writes on: its cursor was closed, no transaction left open.
     assert server.request("POST", "/tests", make_record("after-hang-up", "C0001")).status == 201
     assert sum(1 for line in server.request("GET", "/tests/_export?clinic_id=C0001").body.splitlines()) == 40_001
+
+
+@pytest.mark.parametrize("content_type, body", [
+    ("application/x-ndjson", b"{}\n" * (16 * 1024 * 1024 // 3)),
+    ("application/json", b"[" + b"{}," * (16 * 1024 * 1024 // 3 - 1) + b"{}]"),
+])
+def test_a_16_mib_batch_of_empty_records_is_413_at_once_in_bounded_memory(start_server, content_type, body):
+    server = start_server(workers=1)
+    worker = server.worker_pids()[0]
+    with AnonPeak(worker) as memory:
+        started = time.monotonic()
+        resp = server.request("POST", "/tests/_batch", body, {"Content-Type": content_type}, timeout=120)
+        seconds = time.monotonic() - started
+    assert resp.status == 413 and resp.json()["type"].endswith("too-many-records"), resp.body[:300]
+    assert server.worker_pids() == [worker]
+    # Counted before parsing: the body is read and counted, never parsed into millions of
+    # objects (that took ~900 MiB and 8-30 s). Generous bounds: the body itself is 16 MiB.
+    assert memory.growth_mib < 96, f"the worker's anonymous memory grew by {memory.growth_mib:.0f} MiB"
+    assert seconds < 5
+    assert server.request("GET", "/tests?clinic_id=C001").json() == []

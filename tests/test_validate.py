@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 
 import pytest
 
 from records_service.validate import (
-    MalformedJSON, parse_json, parse_timestamp, timestamp_sort_key, validate_correction, validate_record,
+    InvalidBatch, MalformedJSON, TooManyRecords, parse_batch, parse_json, parse_timestamp, timestamp_sort_key, validate_correction, validate_record,
 )
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -235,3 +236,31 @@ def test_a_correction_must_keep_the_identity_fields(changes, fields):
     record, errors = validate_correction(with_(**changes), STORED, NOW)
     assert [e["field"] for e in errors] == fields
     assert (record is None) == bool(fields)
+
+
+@pytest.mark.parametrize("body", [b"[]", b" [ ] ", b'[{"a": 1}]', b'\n[ {"a": [1, {"b": null}]} ,\t"x", 3, [] ]\r\n'])
+def test_a_json_batch_is_parsed_item_by_item_as_json_loads_would(body):
+    assert list(parse_batch(body, ndjson=False, max_records=10)) == json.loads(body)
+
+
+@pytest.mark.parametrize("body, error", [
+    (b"[{} {}]", MalformedJSON), (b"[{},]", MalformedJSON), (b"[{}] []", MalformedJSON), (b"[", MalformedJSON),
+    (b"[{}", MalformedJSON), (b"", MalformedJSON), (b"{}", InvalidBatch), (b'"x"', InvalidBatch),
+])
+def test_a_json_batch_that_is_not_one_array_is_refused_whole(body, error):
+    with pytest.raises(error):
+        list(parse_batch(body, ndjson=False, max_records=10))
+
+
+def test_ndjson_blank_lines_are_not_records_and_a_bad_line_fails_alone():
+    items = list(parse_batch(b'\n  \r\n{"a": 1}\n\t\n{oops\n\f\n[]', ndjson=True, max_records=3))
+    assert items[0] == {"a": 1} and isinstance(items[1], MalformedJSON) and items[2] == []
+
+
+@pytest.mark.parametrize("ndjson, body", [
+    (True, b"{}\n" * 3 + b"{oops"), (True, b"{}\n\n" * 4), (False, b"[" + b"{}," * 4 + b"{oops"),
+])
+def test_one_record_over_the_limit_is_too_many_before_anything_past_it_is_read(ndjson, body):
+    """Eager: no record is yielded (none validated) before the count is known."""
+    with pytest.raises(TooManyRecords):
+        parse_batch(body, ndjson=ndjson, max_records=3)
