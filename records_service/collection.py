@@ -142,8 +142,13 @@ class Export:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         query, _ = clinic_query(req)
+        chunks = self._store.export_docs(query["filters"])
         resp.content_type = NDJSON
-        resp.stream = _ndjson(self._store.export_docs(query["filters"]), req.context.request_id)
+        if req.method == "HEAD":
+            chunks.close()  # the query started, as for GET, so a database that fails answers the same
+            resp.stream = iter(())  # a stream: no Content-Length, as GET has none
+            return
+        resp.stream = _ndjson(chunks, req.context.request_id)
 
 
 def _ndjson(chunks: Generator[list[str], None, None], request_id: str) -> Iterator[bytes]:

@@ -156,6 +156,23 @@ def test_unknown_paths_are_404_problems(client):
     assert_problem(client.simulate_get("/nowhere"), 404)
 
 
+@pytest.mark.parametrize("path", [
+    "/", "/health", "/ready", "/openapi.json", "/tests?clinic_id=C001", "/tests/_export?clinic_id=C001",
+    "/tests/_stats?clinic_id=C001", "/tests/T-0001", "/tests/T-0001/history", "/audit/first", "/tests?clinic_id=a%20b",
+    "/tests/nope", "/tests/nope/history",
+])
+def test_every_get_route_answers_head_with_the_same_status_and_headers_and_no_body(client, record, path):
+    assert post(client, record, {"X-Request-ID": "first"}).status_code == 201
+    path, _, query = path.partition("?")
+    get = client.simulate_get(path, query_string=query)
+    head = client.simulate_head(path, query_string=query)
+    volatile = {"x-request-id", "server-timing"}
+    assert head.status_code == get.status_code
+    assert {k: v for k, v in head.headers.items() if k not in volatile} == \
+        {k: v for k, v in get.headers.items() if k not in volatile}
+    assert head.content == b""
+
+
 @pytest.mark.parametrize("method", ["DELETE", "PUT", "PATCH"])
 def test_unsupported_methods_are_405_with_allow(client, method):
     resp = client.simulate_request(method, "/tests")
