@@ -143,34 +143,50 @@ class Export:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         query, _ = clinic_query(req)
         chunks = self._store.export_docs(query["filters"])
+        # Fetched here, before any byte is sent: a database that fails this early gets the
+        # ordinary problem answer (and status in the completion line), not a broken stream.
+        first = next(chunks, [])
         resp.content_type = NDJSON
         if req.method == "HEAD":
-            chunks.close()  # the query started, as for GET, so a database that fails answers the same
+            chunks.close()
             resp.stream = iter(())  # a stream: no Content-Length, as GET has none
             return
-        resp.stream = _ndjson(chunks, req.context.request_id)
+        resp.stream = _ndjson(first, chunks, req.context.request_id)
 
 
-def _ndjson(chunks: Generator[list[str], None, None], request_id: str) -> Iterator[bytes]:
-    """Encode the chunks as NDJSON lines, then log the export's own completion line.
+def _ndjson(first: list[str], chunks: Generator[list[str], None, None], request_id: str) -> Iterator[bytes]:
+    """Encode the chunks, `first` then the rest, as NDJSON lines, then log the export's own
+    completion line.
 
-    It runs after the middleware has logged the request and let go of its request ID, so it
-    carries the ID itself.
+    It runs after the middleware has logged the request (status 200) and let go of its request
+    ID, so it carries the ID itself. A database error once the response is under way can no
+    longer change its status: it is logged as the export's failure, with its cause, and raised,
+    so the server aborts the response without its terminating chunk and the client sees a
+    truncated stream, never a clean end.
     """
     started = time.perf_counter()
     count = 0
-    complete = False
+    outcome, cause = "export stopped before the end", None  # the client went away (GeneratorExit)
     try:
-        for docs in chunks:
+        docs = first
+        while docs:
             count += len(docs)
             yield ("\n".join(docs) + "\n").encode("utf-8")
-        complete = True
+            docs = next(chunks, None)
+        outcome = "export completed"
+    except Exception as exc:
+        # Deliberately broad: whatever broke mid-stream, the response cannot be completed.
+        outcome, cause = "export failed", f"{type(exc).__name__}: {exc}"
+        raise
     finally:
         chunks.close()
         token = request_id_var.set(request_id)
         try:
-            log.info("export completed" if complete else "export stopped before the end", extra={
-                "count": count, "duration_ms": round((time.perf_counter() - started) * 1000, 3)})
+            fields = {"count": count, "duration_ms": round((time.perf_counter() - started) * 1000, 3)}
+            if cause:
+                log.error(outcome, extra={**fields, "error": cause})
+            else:
+                log.info(outcome, extra=fields)
         finally:
             request_id_var.reset(token)
 

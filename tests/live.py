@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -134,6 +135,27 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
         self._log.close()
+
+
+def damage_pages_holding(db_path: Path, marker: bytes) -> int:
+    """Overwrite every page of a closed SQLite file that holds `marker` with 0xFF bytes, as a
+    failing disk would: reading those pages is then a real SQLITE_CORRUPT ("database disk image
+    is malformed"), and every other page reads as before. Returns how many pages were hit."""
+    conn = sqlite3.connect(db_path)
+    try:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    finally:
+        conn.close()
+    data = bytearray(Path(db_path).read_bytes())
+    pages = set()
+    at = data.find(marker)
+    while at >= 0:
+        pages.add(at // page_size)
+        at = data.find(marker, at + 1)
+    for page in pages:
+        data[page * page_size:(page + 1) * page_size] = b"\xff" * page_size
+    Path(db_path).write_bytes(bytes(data))
+    return len(pages)
 
 
 def anon_kib(pid: int) -> int:

@@ -17,6 +17,7 @@ import pytest
 from records_service.seed import seed_rows
 from records_service.store import Store
 from tests.live import AnonPeak
+from tests.test_export_stats import seeded_then_damaged
 from tests.test_gunicorn import make_record
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -188,3 +189,48 @@ def test_a_16_mib_batch_of_empty_records_is_413_at_once_in_bounded_memory(start_
     assert memory.growth_mib < 96, f"the worker's anonymous memory grew by {memory.growth_mib:.0f} MiB"
     assert seconds < 5
     assert server.request("GET", "/tests?clinic_id=C001").json() == []
+
+
+def _chunked_exchange(port: int, path: str, request_id: str) -> tuple[bytes, bytes, bool]:
+    """GET over a raw socket, read to EOF: (status and headers, the decoded body, whether the
+    body ended with its terminating 0 chunk)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        client.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Request-ID: {request_id}\r\n\r\n".encode())
+        raw = b""
+        while data := client.recv(1 << 16):
+            raw += data
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    body = b""
+    while b"\r\n" in rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return head, body, rest == b"\r\n"
+        if len(rest) < size + 2:
+            break
+        body, rest = body + rest[:size], rest[size + 2:]
+    return head, body, False
+
+
+def test_a_database_error_mid_export_aborts_the_stream_and_is_logged_as_failed(start_server, tmp_path):
+    db = tmp_path / "damaged.db"
+    seeded_then_damaged(db, 20_000, damaged_at=5_500)
+    server = start_server(workers=1, db_path=db)
+    worker = server.worker_pids()[0]
+
+    head, body, terminated = _chunked_exchange(server.port, "/tests/_export?clinic_id=C0001", "exp-midway")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding: chunked" in head.lower()
+    assert not terminated, "a stream cut by a database error ended like a complete one"
+    # Every chunk before the damaged page arrived whole: 1,000-record chunks, the 6th broken.
+    assert body.endswith(b"\n") and body.count(b"\n") == 5_000
+    with pytest.raises(http.client.IncompleteRead):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("GET", "/tests/_export?clinic_id=C0001")
+        conn.getresponse().read()
+
+    lines = [line for line in server.log_lines() if line.get("request_id") == "exp-midway"]
+    failed = [line for line in lines if line["message"] == "export failed"]
+    assert len(failed) == 1 and failed[0]["level"] == "ERROR"
+    assert failed[0]["count"] == 5_000 and "malformed" in failed[0]["error"]
+    assert server.worker_pids() == [worker]
+    assert server.request("GET", "/health").status == 200
