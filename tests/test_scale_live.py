@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from records_service.seed import seed_rows
-from records_service.store import Store
+from records_service.store.sqlite import SQLiteStore as Store
 from tests.live import AnonPeak
 from tests.test_export_stats import seeded_then_damaged
 from tests.test_gunicorn import make_record
