@@ -107,10 +107,10 @@ def test_a_database_error_before_the_first_byte_of_an_export_is_a_problem_not_a_
     seeded_then_damaged(settings.db_path, 3000, damaged_at=500)  # inside the first chunk, past its first row
     client = falcon.testing.TestClient(create_app(settings, clock=clock))
     resp = client.simulate_get("/tests/_export", params={"clinic_id": "C0001"}, headers={"X-Request-ID": "exp-broken"})
-    body = assert_problem(resp, 500)
+    body = assert_problem(resp, 503)  # the store's StoreCorrupt, as for any other read
     assert body["request_id"] == "exp-broken" and "malformed" not in resp.text
     done = [r for r in caplog.records if r.getMessage() == "request completed"]
-    assert [r.status for r in done] == [500]
+    assert [r.status for r in done] == [503]
 
 
 def test_stats_count_by_type_and_status_with_the_first_and_last_collection(varied):
