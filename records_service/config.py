@@ -41,14 +41,19 @@ def _log_level(name: str, raw: str) -> str:
     return level
 
 
-def _positive_int(name: str, raw: str) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number of bytes or milliseconds (got {raw!r})") from None
-    if value < 1:
-        raise ConfigError(f"{name} must be at least 1 (got {raw!r})")
-    return value
+def _whole_number_of(unit: str) -> Callable[[str, str], int]:
+    """A parser for a count of `unit`s (bytes, milliseconds), at least 1."""
+
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number of {unit}, without a unit (got {raw!r})") from None
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1 ({unit}; got {raw!r})")
+        return value
+
+    return parse
 
 
 def _choice(*allowed: str) -> Callable[[str, str], str]:
@@ -65,11 +70,11 @@ def _choice(*allowed: str) -> Callable[[str, str], str]:
 _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "RECORDS_DB_PATH": ("db_path", _text),
     "RECORDS_LOG_LEVEL": ("log_level", _log_level),
-    "RECORDS_MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
-    "RECORDS_MAX_BATCH_BYTES": ("max_batch_bytes", _positive_int),
+    "RECORDS_MAX_BODY_BYTES": ("max_body_bytes", _whole_number_of("bytes")),
+    "RECORDS_MAX_BATCH_BYTES": ("max_batch_bytes", _whole_number_of("bytes")),
     "RECORDS_AUTH": ("auth", _choice("required", "disabled")),
     "RECORDS_SYNCHRONOUS": ("synchronous", _choice("NORMAL", "FULL")),
-    "RECORDS_BUSY_TIMEOUT_MS": ("busy_timeout_ms", _positive_int),
+    "RECORDS_BUSY_TIMEOUT_MS": ("busy_timeout_ms", _whole_number_of("milliseconds")),
 }
 
 

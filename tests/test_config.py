@@ -41,6 +41,18 @@ def test_a_bad_value_is_an_error_naming_the_variable(name, value):
         load_settings({name: value})
 
 
+@pytest.mark.parametrize("name, value, unit", [
+    ("RECORDS_MAX_BODY_BYTES", "1MB", "bytes"), ("RECORDS_MAX_BATCH_BYTES", "16 MiB", "bytes"),
+    ("RECORDS_BUSY_TIMEOUT_MS", "5s", "milliseconds"), ("RECORDS_MAX_BODY_BYTES", "0", "bytes"),
+    ("RECORDS_BUSY_TIMEOUT_MS", "-1", "milliseconds"),
+])
+def test_a_bad_number_names_the_unit_of_its_setting(name, value, unit):
+    with pytest.raises(ConfigError) as error:
+        load_settings({name: value})
+    other = {"bytes": "milliseconds", "milliseconds": "bytes"}[unit]
+    assert unit in str(error.value) and other not in str(error.value), str(error.value)
+
+
 def test_dotenv_fills_gaps_and_the_real_environment_wins(tmp_path, monkeypatch):
     (tmp_path / ".env").write_text("RECORDS_MAX_BODY_BYTES=123\nRECORDS_LOG_LEVEL=DEBUG\n")
     monkeypatch.delenv("RECORDS_MAX_BODY_BYTES", raising=False)
