@@ -6,6 +6,7 @@ which the entry points turn into a one-line message and a non-zero exit.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -86,6 +87,23 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         if name in environ
     }
     return Settings(**values)
+
+
+_PREFIX = "RECORDS_"
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each RECORDS_* variable that is not a setting, naming the closest one: a
+    misspelled setting is otherwise ignored without a word, and its default silently used."""
+    known = list(_PARSERS)
+    warnings = []
+    for name in sorted(n for n in environ if n.upper().startswith(_PREFIX) and n not in _PARSERS):
+        # Compared without the prefix every name shares, which would make any two look alike.
+        closest = difflib.get_close_matches(name.upper().removeprefix(_PREFIX),
+                                            [k.removeprefix(_PREFIX) for k in known], n=1, cutoff=0.6)
+        hint = f"did you mean {_PREFIX}{closest[0]}?" if closest else f"the settings are {', '.join(known)}"
+        warnings.append(f"{name} is not a records_service setting and is ignored: {hint}")
+    return warnings
 
 
 def load_dotenv_file(directory: Path | None = None) -> None:
