@@ -46,6 +46,7 @@ class RequestContext:
             duration_ms = round((time.perf_counter() - req.context.started) * 1000, 3)
             resp.set_header("X-Request-ID", req.context.request_id)
             resp.set_header("Server-Timing", f"app;dur={duration_ms}")
+            _allow_options_too(req, resp)
             log.info("request completed", extra={
                 "method": req.method, "path": req.path, "status": resp.status_code, "duration_ms": duration_ms,
                 "pid": os.getpid(),  # which worker served it
@@ -54,6 +55,14 @@ class RequestContext:
         finally:
             key_id_var.reset(req.context.key_log_token)
             request_id_var.reset(req.context.log_token)
+
+
+def _allow_options_too(req: falcon.Request, resp: falcon.Response) -> None:
+    """Falcon's own OPTIONS answer leaves OPTIONS out of its Allow, while its 405 lists it: make
+    the OPTIONS answer list it too, so both say the same."""
+    allow = resp.get_header("Allow")
+    if req.method == "OPTIONS" and resp.status_code == 200 and allow and "OPTIONS" not in allow.split(", "):
+        resp.set_header("Allow", f"{allow}, OPTIONS")
 
 
 class Authenticate:

@@ -173,6 +173,16 @@ def test_every_get_route_answers_head_with_the_same_status_and_headers_and_no_bo
     assert head.content == b""
 
 
+@pytest.mark.parametrize("path", ["/", "/health", "/ready", "/openapi.json", "/tests", "/tests/_batch",
+                                  "/tests/_export", "/tests/_stats", "/tests/T-1", "/tests/T-1/history", "/audit/r"])
+def test_options_and_a_405_list_the_same_methods_in_allow(client, path):
+    options = client.simulate_options(path)
+    refused = client.simulate_request("PATCH", path)
+    assert options.status_code == 200 and refused.status_code == 405
+    assert options.headers["allow"] == refused.headers["allow"]
+    assert "OPTIONS" in options.headers["allow"].split(", ")
+
+
 @pytest.mark.parametrize("method", ["DELETE", "PUT", "PATCH"])
 def test_unsupported_methods_are_405_with_allow(client, method):
     resp = client.simulate_request(method, "/tests")
