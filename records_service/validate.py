@@ -432,6 +432,8 @@ FILTERS = ("patient_id", "test_type", "status", "collected_from", "collected_to"
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 _DIGITS_RE = re.compile(r"[0-9]{1,7}", re.ASCII)
+# What `+05:30` becomes when a client leaves the + unencoded in a query string.
+_UNENCODED_PLUS_RE = re.compile(r"[0-9] [0-9]{2}(:?[0-9]{2})?$", re.ASCII)
 
 
 def _check_filter(name: str, value: str) -> tuple[str | None, str | None]:
@@ -448,6 +450,10 @@ def _check_filter(name: str, value: str) -> tuple[str | None, str | None]:
     if name == "status":
         return (value, None) if value in FILTER_STATUSES else (None, f"must be one of {', '.join(FILTER_STATUSES)}")
     _, normalised, problem = _parse_instant(value)
+    if problem:
+        problem += f" (got {value[:64]!r}{'...' if len(value) > 64 else ''})"
+        if _UNENCODED_PLUS_RE.search(value):
+            problem += "; a + left unencoded in a URL arrives as a space: write the offset's + as %2B"
     return normalised, problem
 
 
