@@ -110,3 +110,17 @@ def test_gunicorn_and_the_command_line_warn_once_about_a_misspelled_setting(star
     assert cli.returncode == 0, cli.stderr
     warned = [json.loads(line) for line in cli.stderr.splitlines() if "RECORDS_BUSY_TIMEOUT " in line]
     assert len(warned) == 1 and warned[0]["message"].endswith("did you mean RECORDS_BUSY_TIMEOUT_MS?")
+
+
+def test_a_database_path_in_a_missing_directory_is_logged_naming_that_directory(start_server, tmp_path):
+    missing = tmp_path / "no-such-dir"
+    server = start_server(workers=1, db_path=missing / "records.db")
+    logged = [line["message"] for line in server.log_lines() if line["level"] == "ERROR"]
+    assert logged and all(f"directory {missing} does not exist" in message for message in logged), logged
+    assert server.request("GET", "/ready").status == 503
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECORDS_")}
+    env.update(RECORDS_DB_PATH=str(missing / "records.db"), PYTHONPATH=str(REPO))
+    cli = subprocess.run([sys.executable, "-m", "records_service", "keys", "list"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode != 0 and f"directory {missing} does not exist" in cli.stderr, cli.stderr

@@ -157,6 +157,11 @@ class Database:
         try:
             return os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
+            directory = os.path.dirname(os.path.abspath(lock_path))
+            if exc.errno == errno.ENOENT and not os.path.isdir(directory):
+                raise StoreUnavailable(f"the database's directory {directory} does not exist (the database is"
+                                       f" {self.path}): create it, or set RECORDS_DB_PATH to a file in a directory"
+                                       " that exists") from exc
             error = StoreReadOnly if exc.errno == errno.EROFS else StoreUnavailable
             raise error(f"cannot open the writers' lock file {lock_path}: {exc.strerror}") from exc
 
