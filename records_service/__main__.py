@@ -15,7 +15,7 @@ import time
 
 from . import __version__, keys
 from .app import utc_now
-from .config import ConfigError, Settings, load_dotenv_file, load_settings
+from .config import ConfigError, Settings, load_dotenv_file, load_settings, unknown_variables
 from .logs import logging_config
 from .seed import ProgressBar, seed_rows
 from .store import Store, StoreBusy, StoreError, open_store
@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"records_service: configuration error: {exc}", file=sys.stderr)
         return 2
     logging.config.dictConfig(logging_config(settings.log_level))
+    for warning in unknown_variables(os.environ):
+        logging.getLogger("records_service.config").warning(warning)
     try:
         return args.run(args, settings)
     except StoreError as exc:

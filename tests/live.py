@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -160,6 +161,70 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
         self._log.close()
+
+
+def damage_pages_holding(db_path: Path, marker: bytes) -> int:
+    """Overwrite every page of a closed SQLite file that holds `marker` with 0xFF bytes, as a
+    failing disk would: reading those pages is then a real SQLITE_CORRUPT ("database disk image
+    is malformed"), and every other page reads as before. Returns how many pages were hit."""
+    conn = sqlite3.connect(db_path)
+    try:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    finally:
+        conn.close()
+    data = bytearray(Path(db_path).read_bytes())
+    pages = set()
+    at = data.find(marker)
+    while at >= 0:
+        pages.add(at // page_size)
+        at = data.find(marker, at + 1)
+    for page in pages:
+        data[page * page_size:(page + 1) * page_size] = b"\xff" * page_size
+    Path(db_path).write_bytes(bytes(data))
+    return len(pages)
+
+
+def anon_kib(pid: int) -> int:
+    """A process's anonymous memory now (Pss_Anon, else Anonymous, of /proc/PID/smaps_rollup), in KiB:
+    what its heap costs, unlike VmHWM, which a peak long past keeps high."""
+    fields = {}
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            name, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                fields[name] = int(rest.split()[0])
+    return fields.get("Pss_Anon", fields.get("Anonymous", 0))
+
+
+class AnonPeak:
+    """The peak anonymous memory of a process during a block, sampled every few milliseconds:
+    `base` before, `peak` the largest seen (a process that dies stops the sampling)."""
+
+    def __init__(self, pid: int, every_s: float = 0.005) -> None:
+        self.pid, self._every_s = pid, every_s
+        self.base = self.peak = anon_kib(pid)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            try:
+                self.peak = max(self.peak, anon_kib(self.pid))
+            except OSError:
+                return
+            time.sleep(self._every_s)
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak - self.base) / 1024
+
+    def __enter__(self) -> "AnonPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 class Writers:
