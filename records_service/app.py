@@ -10,6 +10,7 @@ from typing import Callable
 import falcon
 
 from . import errors, runtime
+from .body_deadline import BodyTimeout
 from .collection import Batch, Export, Stats
 from .config import Settings, load_settings
 from .lifecycle import Audit, History, Record
@@ -57,7 +58,8 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
                     "without a key, as admin; use this only for local experiments", extra={"pid": os.getpid()})
 
     authenticate = Authenticate(store, required=settings.auth == "required")
-    app = falcon.App(middleware=[RequestContext(), authenticate, FailureRecorder(shared.failures, clock)])
+    app = falcon.App(middleware=[RequestContext(), BodyTimeout(settings.body_timeout_ms), authenticate,
+                                 FailureRecorder(shared.failures, clock)])
     errors.install(app)
     routes = {
         "/": Dashboard(store, shared, clock),

@@ -27,6 +27,7 @@ class Settings:
     auth: str = "required"
     synchronous: str = "NORMAL"
     busy_timeout_ms: int = 5_000
+    body_timeout_ms: int = 10_000
 
 
 def _text(name: str, raw: str) -> str:
@@ -76,6 +77,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "RECORDS_AUTH": ("auth", _choice("required", "disabled")),
     "RECORDS_SYNCHRONOUS": ("synchronous", _choice("NORMAL", "FULL")),
     "RECORDS_BUSY_TIMEOUT_MS": ("busy_timeout_ms", _whole_number_of("milliseconds")),
+    "RECORDS_BODY_TIMEOUT_MS": ("body_timeout_ms", _whole_number_of("milliseconds")),
 }
 
 

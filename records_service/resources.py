@@ -26,14 +26,16 @@ def read_body(req: falcon.Request, limit: int, accepted: tuple[str, ...] = (JSON
     """The request body, refused (413) as soon as it is known to exceed `limit` bytes.
 
     A declared Content-Length over the limit is refused before anything is read; a chunked
-    body is read at most one byte past the limit.
+    body is read at most one byte past the limit. A body not in by the request's deadline
+    (body_deadline.BodyTimeout) is a 408.
     """
     kind = media_type(req)
     if kind not in accepted:
         raise Problem(415, "unsupported-media-type", f"Content-Type must be {' or '.join(accepted)} (got {kind or 'none'})")
     if req.content_length is not None and req.content_length > limit:
         raise _too_large(limit)
-    body = _read_stream(req, limit)
+    with req.context.body_deadline:
+        body = _read_stream(req, limit)
     if len(body) > limit:
         raise _too_large(limit)
     return body

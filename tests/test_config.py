@@ -16,16 +16,16 @@ from tests.live import GUNICORN, REPO
 def test_defaults_match_the_documented_table():
     assert load_settings({}) == Settings(
         db_path="records.db", log_level="INFO", max_body_bytes=1_048_576, max_batch_bytes=16_777_216,
-        auth="required", synchronous="NORMAL", busy_timeout_ms=5000)
+        auth="required", synchronous="NORMAL", busy_timeout_ms=5000, body_timeout_ms=10_000)
 
 
 def test_every_variable_is_read():
     settings = load_settings({
         "RECORDS_DB_PATH": "/data/r.db", "RECORDS_LOG_LEVEL": "debug", "RECORDS_MAX_BODY_BYTES": "10",
         "RECORDS_MAX_BATCH_BYTES": "20", "RECORDS_AUTH": "disabled", "RECORDS_SYNCHRONOUS": "full",
-        "RECORDS_BUSY_TIMEOUT_MS": "250",
+        "RECORDS_BUSY_TIMEOUT_MS": "250", "RECORDS_BODY_TIMEOUT_MS": "750",
     })
-    assert settings == Settings("/data/r.db", "DEBUG", 10, 20, "disabled", "FULL", 250)
+    assert settings == Settings("/data/r.db", "DEBUG", 10, 20, "disabled", "FULL", 250, 750)
 
 
 @pytest.mark.parametrize("name, value", [
@@ -37,6 +37,7 @@ def test_every_variable_is_read():
     ("RECORDS_AUTH", "off"),
     ("RECORDS_SYNCHRONOUS", "OFF"),
     ("RECORDS_BUSY_TIMEOUT_MS", "soon"),
+    ("RECORDS_BODY_TIMEOUT_MS", "0"),
 ])
 def test_a_bad_value_is_an_error_naming_the_variable(name, value):
     with pytest.raises(ConfigError, match=name):
