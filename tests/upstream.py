@@ -40,6 +40,7 @@ class Reply:
     body: bytes | dict | list = b""
     headers: dict = field(default_factory=dict)
     hang_s: float = 0.0   # sleep this long before answering (a hung upstream)
+    chunked: bool = False  # send the body chunked, without a Content-Length
 
     def encoded(self) -> bytes:
         return self.body if isinstance(self.body, bytes) else json.dumps(self.body).encode()
@@ -75,9 +76,17 @@ class Upstream:
                     headers = {"Content-Type": "application/json", **reply.headers}
                     for name, value in headers.items():
                         self.send_header(name, value)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
+                    if reply.chunked:
+                        self.send_header("Transfer-Encoding", "chunked")
+                        self.end_headers()
+                        for start in range(0, len(body), 4096):
+                            chunk = body[start:start + 4096]
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.write(b"0\r\n\r\n")
+                    else:
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        self.wfile.write(body)
                 except OSError:
                     pass  # the client gave up (it timed out): nothing to answer
 
@@ -89,7 +98,7 @@ class Upstream:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
 
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
