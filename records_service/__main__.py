@@ -249,6 +249,7 @@ def run_import_source(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     store = _store(settings)
     try:
+        store.open()  # before the run, so opening (and migrating) is not logged as part of it
         outcome = run_import(source, store, dry_run=args.dry_run, now=utc_now, progress_stream=sys.stderr)
     finally:
         store.close()
