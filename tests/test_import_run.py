@@ -35,7 +35,7 @@ def items(n: int, start: int = 0, **changes) -> list[dict]:
              "updated": f"2025-05-20T00:00:{i:05d}Z", **changes} for i in range(start, start + n)]
 
 
-def source_toml(url: str, *, name: str = "lab-a", extra: str = "", fields: str = "") -> str:
+def source_toml(url: str, *, name: str = "lab-a", retries: int = 3, extra: str = "") -> str:
     return f"""
 name = "{name}"
 kind = "rest"
@@ -44,7 +44,7 @@ headers = {{ Authorization = "Bearer ${{LAB_TOKEN}}" }}
 watermark = "updated"
 since = "2000"
 timeout = 2
-retries = 3
+retries = {retries}
 rate = 1000
 {extra}
 
@@ -58,7 +58,6 @@ unit = "unit"
 status = "state"
 collected_at = "collected"
 notes = "comment"
-{fields}
 
 [values.status]
 F = "final"
@@ -207,7 +206,7 @@ class Breakable:
 def test_an_upstream_down_past_its_retries_exits_3_and_the_next_run_resumes_where_it_stopped(env, store, capsys):
     upstream_handler = Breakable(rest_link_pages(items(50), 10, watermark_key="updated"), from_page=3)
     with Upstream(upstream_handler) as upstream:
-        source = write_source(env, source_toml(upstream.url("/results?since={since}"), extra="retries = 2"))
+        source = write_source(env, source_toml(upstream.url("/results?since={since}"), retries=2))
         status, stopped, _ = run_import(capsys, source)
         assert status == 3 and stopped["complete"] is False
         assert (stopped["pages"], stopped["created"]) == (2, 20) and store.count() == 20
@@ -225,7 +224,7 @@ def test_an_upstream_down_past_its_retries_exits_3_and_the_next_run_resumes_wher
 
 def test_the_cli_says_why_it_stopped_with_exit_3(env, capsys):
     with Upstream(lambda seen: Reply(200, b"<html>upstream proxy error</html>")) as upstream:
-        status = main(["import", write_source(env, source_toml(upstream.url("/results"), extra="retries = 1"))])
+        status = main(["import", write_source(env, source_toml(upstream.url("/results"), retries=1))])
     out, err = capsys.readouterr()
     assert status == 3
     assert "Traceback" not in err and "page 1:" in err and "not valid JSON" in err
@@ -382,8 +381,7 @@ def test_no_progress_bar_when_standard_error_is_not_a_terminal_and_one_on_a_term
 
 def test_the_dashboard_lists_each_source_with_its_last_run(env, store, capsys, client):
     with Upstream(Breakable(rest_link_pages(items(12), 5), from_page=2)) as upstream:
-        run_import(capsys, write_source(env, source_toml(upstream.url("/results"), name="lab-b",
-                                                         extra="retries = 1")))
+        run_import(capsys, write_source(env, source_toml(upstream.url("/results"), name="lab-b", retries=1)))
     with Upstream(rest_link_pages(items(3), 5)) as upstream:
         run_import(capsys, write_source(env, source_toml(upstream.url("/results"), name="lab-c")))
     page = client.simulate_get("/").text

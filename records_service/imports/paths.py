@@ -10,7 +10,7 @@ The empty path is the document itself. A path that finds nothing gives None. Pur
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 Step = tuple  # ("key", name) | ("index", n, name) | ("match", key, value) | ("all",)
 Path = tuple  # of Steps
@@ -116,3 +116,23 @@ def resolve_all(document: Any, path: Path) -> Any:
                     found.append(value)
             return found
     return resolve(document, path)
+
+
+def getter(path: Path) -> Callable[[Any], Any]:
+    """`resolve` for one path as a function, made once: a path of object keys only (most of a
+    source's fields) is read by plain lookups, which an import does for every field of every item."""
+    if not all(step[0] == "key" for step in path):
+        return lambda document: resolve(document, path)
+    keys = tuple(step[1] for step in path)
+    if len(keys) == 1:
+        key = keys[0]
+        return lambda document: document.get(key) if isinstance(document, dict) else None
+
+    def get(document: Any) -> Any:
+        for key in keys:
+            if not isinstance(document, dict):
+                return None
+            document = document.get(key)
+        return document
+
+    return get

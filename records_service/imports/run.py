@@ -22,7 +22,7 @@ from ..logs import key_id_var, request_id_var
 from ..seed import ProgressBar
 from ..validate import utc_millis
 from .fetch import Fetcher, UpstreamError
-from .mapping import larger, record_of
+from .mapping import item_mapper, larger, record_of
 from .paging import check_page, next_position, request_at
 from .paths import resolve, resolve_all
 from .source import Source
@@ -81,8 +81,9 @@ def run_import(source: Source, store, *, dry_run: bool = False, now: Callable[[]
         problem = _walk(source, store, run, dry_run=dry_run, now=now, sleep=sleep, bar=bar)
         summary = summary_of(run)
         status = EXIT_UPSTREAM if problem else EXIT_ITEMS_FAILED if run["failed"] else EXIT_OK
-        log.info("import stopped" if problem else "import finished",
-                 extra={**{k: v for k, v in summary.items() if k != "failures"}, "dry_run": dry_run})
+        # `created` is a LogRecord attribute of its own: the count travels as records_created.
+        counts = {("records_created" if k == "created" else k): v for k, v in summary.items() if k != "failures"}
+        log.info("import stopped" if problem else "import finished", extra={**counts, "dry_run": dry_run})
         return Outcome(summary, status, problem)
     finally:
         bar.close()
@@ -95,6 +96,7 @@ def _walk(source: Source, store, run: dict, *, dry_run: bool, now: Callable[[], 
     """Fetch and store pages from `run`'s position to the last page, updating `run` as the
     store saves it. Returns why the upstream could not be read, or None when the run completed."""
     fetcher = Fetcher(source, sleep=sleep)
+    map_item = item_mapper(source)
     fetched_before = run["fetched"]  # by an earlier invocation of a resumed run: not in this one's rate
     while True:
         page_no = run["pages"] + 1
@@ -115,7 +117,7 @@ def _walk(source: Source, store, run: dict, *, dry_run: bool, now: Callable[[], 
         moment = now()
         accepted, failures, watermark = [], [], run["run_watermark"]
         for index, item in enumerate(items):
-            record, test_id, problem = record_of(item, source, moment)
+            record, test_id, problem = record_of(item, map_item, moment)
             if problem:
                 failures.append({"page": page_no, "index": index, "test_id": test_id, "detail": problem})
             else:
