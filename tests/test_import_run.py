@@ -127,6 +127,19 @@ def test_a_rest_list_with_link_paging_is_imported_whole(env, store, capsys):
     assert messages.count("page fetched") == 3 and "import finished" in messages
 
 
+def test_trace_tells_the_story_of_a_run(env, capsys):
+    with Upstream(rest_link_pages(items(12), 5)) as upstream:
+        upstream.faults = [Reply(503, headers={"Retry-After": "0"})]
+        assert main(["import", write_source(env, source_toml(upstream.url("/results")))]) == 0
+    out, err = capsys.readouterr()
+    request_id = json.loads(out.splitlines()[-1])["request_id"]
+    (env / "import.log").write_text(err)
+    assert main(["trace", request_id, str(env / "import.log")]) == 0
+    story = capsys.readouterr().out
+    assert story.count("page fetched") == 3 and story.count("committed") == 3
+    assert "upstream retry" in story and "wait_s=0" in story and "import finished" in story
+
+
 def test_the_next_run_starts_from_the_saved_watermark_and_versions_what_changed(env, store, capsys):
     upstream_items = items(12)
     with Upstream(rest_link_pages(upstream_items, 5, watermark_key="updated")) as upstream:
@@ -155,6 +168,16 @@ def test_items_seen_again_are_unchanged(env, store, capsys):
         status, summary, _ = run_import(capsys, source)
     assert status == 0 and (summary["created"], summary["updated"], summary["unchanged"]) == (0, 0, 8)
     assert json.loads(store.current("LAB-00001").doc)["version"] == 1
+
+
+def test_a_test_id_twice_in_one_page_is_created_then_versioned(env, store, capsys):
+    upstream_items = items(3) + [{**items(1, start=1)[0], "value": 7.7, "state": "C"}] + items(1, start=1)
+    with Upstream(rest_link_pages(upstream_items, 10)) as upstream:
+        status, summary, _ = run_import(capsys, write_source(env, source_toml(upstream.url("/results"))))
+    assert status == 0 and (summary["created"], summary["updated"], summary["unchanged"]) == (3, 2, 0)
+    history = json.loads(store.history_json("LAB-00001")[0])
+    assert [(v["version"], v["result"], v["status"]) for v in history] == [
+        (1, 5.01, "final"), (2, 7.7, "corrected"), (3, 5.01, "final")]
 
 
 def test_invalid_voided_and_other_clinics_items_are_reported_and_left_alone(env, store, capsys, record):
@@ -249,6 +272,7 @@ def test_a_run_killed_with_kill_9_resumes_at_the_first_page_not_committed(env, s
         asked = len(upstream.requests)
         done = subprocess.run(command, cwd=env, env=cli_env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+    assert TOKEN not in done.stdout + done.stderr
     assert pages_asked(upstream, asked) == list(range(committed + 1, 7))
     summary = json.loads(done.stdout.splitlines()[-1])
     assert (summary["pages"], summary["created"], summary["fetched"]) == (6, 60, 60)
