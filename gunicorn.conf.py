@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from records_service import runtime
 from records_service.config import ConfigError, load_dotenv_file, load_settings
 from records_service.logs import logging_config
+from records_service.store import StoreError, open_store
 
 # -- configuration -------------------------------------------------------------------------
 # Real environment variables win over `.env`; workers inherit the merged environment.
@@ -24,10 +25,42 @@ try:
 except ConfigError as exc:
     sys.exit(f"records_service: configuration error: {exc}")
 
+# -- workers -------------------------------------------------------------------------------
+# Threads (gthread): each worker serves up to `threads` requests at once, each thread with its own
+# database connection. A request waiting for the write lock holds only its thread, so reads go on
+# while writes wait; at most `writers` threads of a worker wait to write at once, and a write past
+# that is answered 503 at once, so waiting writes can never take every thread (docs/design.md).
+# One worker per core: the threads share a core's worth of Python, and a slow client holds a
+# thread, not a worker.
+worker_class = "gthread"
+workers = multiprocessing.cpu_count()
+threads = 16
+writers = threads - 4
+# A request waits at most RECORDS_BUSY_TIMEOUT_MS for the write lock; keep well above it.
+timeout = 30
+# SIGTERM: workers finish the requests in hand, for up to this many seconds.
+graceful_timeout = 30
+
 # -- the application -----------------------------------------------------------------------
-# A factory call, evaluated in each worker after fork: no SQLite connection is ever inherited.
-wsgi_app = "records_service.app:create_app()"
+# A factory call, evaluated in each worker after fork: no database connection is ever inherited.
+wsgi_app = f"records_service.app:create_app(writers={writers})"
 preload_app = False
+
+
+def on_starting(server):
+    """Migrate once, in the master, before any worker exists: a long migration (issue 14's
+    schema 8 rebuilds the records table) then never runs inside a worker's boot timeout, and the
+    master's connections are closed before the first fork. If the database cannot be used now,
+    the workers start anyway, answer /ready 503 and retry at their next request."""
+    store = open_store(settings)
+    try:
+        version = store.migrate()
+        server.log.info("database ready at schema version %s", version)
+    except StoreError as exc:
+        server.log.error("database not migrated at start-up: %s", exc)
+    finally:
+        store.close()
+
 
 # -- shared runtime state ------------------------------------------------------------------
 # Made here, in the master, before any fork: every worker inherits the same start time (the
@@ -38,16 +71,6 @@ runtime.share()
 # -- sockets -------------------------------------------------------------------------------
 # Loopback by default; put a reverse proxy in front, or pass -b 0.0.0.0:8000 deliberately.
 bind = "127.0.0.1:8000"
-
-# -- workers -------------------------------------------------------------------------------
-# Sync workers: one request at a time per process, so one SQLite connection per worker is
-# enough and a slow client cannot hold a connection another request needs.
-worker_class = "sync"
-workers = multiprocessing.cpu_count() * 2 + 1
-# A request waits at most RECORDS_BUSY_TIMEOUT_MS for the write lock; keep well above it.
-timeout = 30
-# SIGTERM: workers finish the request in hand, for up to this many seconds.
-graceful_timeout = 30
 
 # -- logging -------------------------------------------------------------------------------
 # JSON lines on stderr, gunicorn's own included. The app writes its own completion line per

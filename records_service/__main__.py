@@ -7,21 +7,21 @@ declared in `build_parser`. Settings come from the environment and `.env`, as fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging.config
 import os
 import sys
 import time
 
-from . import keys, store
+from . import keys
 from .app import utc_now
 from .config import ConfigError, Settings, load_dotenv_file, load_settings
-from .errors import StoreBusy, StoreUnavailable
 from .imports.run import run_import
 from .imports.source import SourceError, load_source
 from .logs import logging_config
 from .seed import ProgressBar, seed_rows
-from .store import Store
+from .store import Store, StoreBusy, StoreError, open_store
 from .trace import entries_of, timeline
 from .validate import check_id, utc_millis
 
@@ -59,12 +59,12 @@ def run_trace(args: argparse.Namespace, settings: Settings) -> int:
 def run_backup(args: argparse.Namespace, settings: Settings) -> int:
     """Copy RECORDS_DB_PATH to DEST with SQLite's backup API, consistent while the service writes."""
     try:
-        copied = store.backup_database(settings.db_path, args.dest, busy_timeout_ms=settings.busy_timeout_ms)
+        copied = _store(settings).backup(args.dest)
     except StoreBusy:
         print("records_service backup: the database stayed locked past the busy bound; nothing written",
               file=sys.stderr)
         return 1
-    except (StoreUnavailable, OSError) as exc:
+    except (StoreError, OSError) as exc:
         print(f"records_service backup: {exc}", file=sys.stderr)
         return 1
     print(f"backed up {copied['records']} records (schema version {copied['schema_version']}) to {args.dest}")
@@ -75,16 +75,16 @@ def run_check(args: argparse.Namespace, settings: Settings) -> int:
     """Integrity, schema version and dashboard counters of a database (RECORDS_DB_PATH or PATH)."""
     path = args.path or settings.db_path
     try:
-        facts = store.check_database(path, busy_timeout_ms=settings.busy_timeout_ms)
+        facts = _store(dataclasses.replace(settings, db_path=path)).check()
     except StoreBusy:
         print(f"records_service check: {path} stayed locked past the busy bound", file=sys.stderr)
         return 1
-    except StoreUnavailable as exc:
+    except StoreError as exc:
         print(f"records_service check: {exc}", file=sys.stderr)
         return 1
     problems = [f"integrity: {line}" for line in facts["integrity"] if line != "ok"]
-    if facts["schema_version"] != store.SCHEMA_VERSION:
-        problems.append(f"schema version {facts['schema_version']}, this code expects {store.SCHEMA_VERSION}"
+    if facts["schema_version"] != facts["expected_schema_version"]:
+        problems.append(f"schema version {facts['schema_version']}, this code expects {facts['expected_schema_version']}"
                         " (starting the service migrates an older one forward)")
     problems += [f"{table}: {count} counter rows disagree with the records" for table, count
                  in facts.get("counter_mismatches", {}).items() if count]
@@ -97,7 +97,7 @@ def run_check(args: argparse.Namespace, settings: Settings) -> int:
 
 def _store(settings: Settings) -> Store:
     """The database the server uses; opened (and migrated) at its first use."""
-    return Store(settings.db_path, synchronous=settings.synchronous, busy_timeout_ms=settings.busy_timeout_ms)
+    return open_store(settings)
 
 
 def _now() -> str:
@@ -220,13 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_seed(args: argparse.Namespace, settings: Settings) -> int:
     """Add synthetic records to RECORDS_DB_PATH (migrating it first), with a progress bar on a terminal."""
-    store = Store(settings.db_path, synchronous=settings.synchronous, busy_timeout_ms=settings.busy_timeout_ms)
+    store = _store(settings)
     bar = ProgressBar(args.records)
     started = time.perf_counter()
     try:
         for done in store.bulk_insert(seed_rows(args.records, args.clinics, utc_now(), rng_seed=args.random_seed)):
             bar.update(done)
-    except (StoreUnavailable, StoreBusy) as exc:
+    except StoreError as exc:
         print(f"records_service: seed failed: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.config.dictConfig(logging_config(settings.log_level))
     try:
         return args.run(args, settings)
-    except (StoreUnavailable, StoreBusy) as exc:
+    except StoreError as exc:
         print(f"records_service: the database {settings.db_path} cannot be used now: {exc}", file=sys.stderr)
         return 1
 

@@ -18,7 +18,7 @@ from .middleware import Authenticate, RequestContext
 from .operations import Dashboard, FailureRecorder, OpenAPIDocument, Ready
 from .resources import Health, TestsCollection
 from .runtime import Runtime
-from .store import Store
+from .store import StoreError, open_store
 
 log = logging.getLogger("records_service.app")
 
@@ -28,17 +28,18 @@ def utc_now() -> datetime:
 
 
 def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime] = utc_now,
-               shared: Runtime | None = None) -> falcon.App:
+               shared: Runtime | None = None, writers: int | None = None) -> falcon.App:
     """Build the WSGI app. Without `settings`, they are read from the environment of this process
     (which gunicorn.conf.py has already validated and filled from `.env`). Without `shared`,
-    the runtime state comes from the gunicorn master (see runtime.share) or is this app's own."""
+    the runtime state comes from the gunicorn master (see runtime.share) or is this app's own.
+    `writers` bounds how many of this process's threads may wait to write (gunicorn.conf.py)."""
     settings = settings or load_settings(os.environ)
     shared = shared or runtime.current()
     skip_caller_lookup()
-    store = Store(settings.db_path, synchronous=settings.synchronous, busy_timeout_ms=settings.busy_timeout_ms)
+    store = open_store(settings, writers=writers)
     try:
         store.open()
-    except (errors.StoreUnavailable, errors.StoreBusy) as exc:
+    except StoreError as exc:
         # Keep serving: /health answers and the store retries on the next request that needs it.
         log.error("database not ready at start-up: %s", exc)
 

@@ -120,7 +120,8 @@ class Batch:
         if atomic and failed:
             existing = self._store.existing([record["test_id"] for record in records])
         else:
-            existing = self._store.insert_batch(records, request_id=req.context.request_id, now=utc_millis(now),
+            existing = self._store.insert_batch(records, request_id=req.context.request_id,
+                                                key_id=req.context.principal.key_id, now=utc_millis(now),
                                                 atomic=atomic)
         _stored_duplicates(accepted, existing, failed)
 

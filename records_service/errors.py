@@ -1,7 +1,8 @@
 """Domain errors, and their one translation into RFC 9457 problem+json answers.
 
-The store raises domain errors; resources raise `Problem`s; everything a client sees as an
-error passes through `serialize_problem`, so every error body has the same shape and carries
+The store raises domain errors (`store.errors`, no HTTP there); `DOMAIN_PROBLEMS` below is the
+one table that says what each is over HTTP. Resources raise `Problem`s; everything a client sees
+as an error passes through `serialize_problem`, so every error body has the same shape and carries
 the request ID. Unexpected exceptions are logged with their traceback and answered with a
 bare 500 that reveals nothing else.
 """
@@ -15,42 +16,13 @@ from http import HTTPStatus
 import falcon
 
 from .logs import request_id_var
+from .store.errors import (AlreadyVoided, StoreBusy, StoreCorrupt, StoreError, StoreFull, StoreReadOnly,
+                           StoreUnavailable, VersionMismatch)
 
 log = logging.getLogger("records_service.errors")
 
 PROBLEM_JSON = "application/problem+json"
 _TYPE_PREFIX = "urn:records-service:problem:"
-
-
-class StoreBusy(Exception):
-    """The database stayed locked by other writers past the busy bound."""
-
-    def __str__(self) -> str:
-        return super().__str__() or "the database stayed locked by other writers past the busy bound"
-
-
-class StoreUnavailable(Exception):
-    """The database cannot be opened or used at all (missing directory, unreadable file)."""
-
-
-class DuplicateRecord(Exception):
-    """A record with this test_id exists; `stored` is the stored record."""
-
-    def __init__(self, stored: dict) -> None:
-        super().__init__(stored["test_id"])
-        self.stored = stored
-
-
-class VersionMismatch(Exception):
-    """If-Match did not name the record's current version (`current`); nothing was written."""
-
-    def __init__(self, current: int) -> None:
-        super().__init__(current)
-        self.current = current
-
-
-class AlreadyVoided(Exception):
-    """The record is already entered-in-error; voiding it again would change nothing."""
 
 
 class Problem(falcon.HTTPError):
@@ -113,24 +85,32 @@ def serialize_problem(req: falcon.Request, resp: falcon.Response, exc: falcon.HT
     resp.text = json.dumps(body, ensure_ascii=False)
 
 
-def _store_busy(req, resp, ex, params):
-    raise Problem(503, "busy", "the database is busy with other writes; nothing was stored, retry shortly",
-                  headers={"Retry-After": "1"})
+# What each domain error is over HTTP: (status, problem kind, detail for the client (a format
+# string of `exc`), Retry-After seconds or None). The most specific class first: a lookup walks the exception's classes.
+# Details never carry the error's own message (SQL, paths): that goes to the log.
+DOMAIN_PROBLEMS: dict[type, tuple[int, str, str, int | None]] = {
+    StoreBusy: (503, "busy", "the database is busy with other writes; nothing was stored, retry shortly", 1),
+    StoreFull: (503, "storage-full", "the database's disk is full; nothing was stored, retry later", 30),
+    StoreReadOnly: (503, "read-only", "the database cannot be written right now; nothing was stored, retry later", 30),
+    StoreCorrupt: (503, "unavailable", "the database is unavailable right now; retry later", 30),
+    StoreUnavailable: (503, "unavailable", "the database is unavailable right now; retry later", 5),
+    VersionMismatch: (412, "version-mismatch", 'If-Match does not name the current version of this record ("{exc.current}");'
+                      " nothing was changed: read the record again, then retry", None),
+    AlreadyVoided: (409, "already-voided", "the record is already entered-in-error; nothing was changed", None),
+}
 
 
-def _store_unavailable(req, resp, ex, params):
-    log.error("database unavailable: %s", ex)
-    raise Problem(503, "unavailable", "the database is unavailable right now; retry later",
-                  headers={"Retry-After": "5"})
+def domain_problem(exc: Exception) -> Problem:
+    """The problem a domain error answers, by DOMAIN_PROBLEMS."""
+    status, kind, detail, retry_after = next(DOMAIN_PROBLEMS[cls] for cls in type(exc).__mro__
+                                             if cls in DOMAIN_PROBLEMS)
+    return Problem(status, kind, detail.format(exc=exc), headers={"Retry-After": str(retry_after)} if retry_after else None)
 
 
-def _version_mismatch(req, resp, ex, params):
-    raise Problem(412, "version-mismatch", f"If-Match does not name the current version of this record ({ex.current});"
-                  " nothing was changed: read the record again, then retry")
-
-
-def _already_voided(req, resp, ex, params):
-    raise Problem(409, "already-voided", "the record is already entered-in-error; nothing was changed")
+def _domain_error(req, resp, ex, params):
+    if isinstance(ex, StoreError) and not isinstance(ex, StoreBusy):
+        log.error("database unavailable: %s", ex)
+    raise domain_problem(ex)
 
 
 def _unexpected(req, resp, ex, params):
@@ -143,7 +123,5 @@ def _unexpected(req, resp, ex, params):
 def install(app: falcon.App) -> None:
     app.set_error_serializer(serialize_problem)
     app.add_error_handler(Exception, _unexpected)
-    app.add_error_handler(StoreBusy, _store_busy)
-    app.add_error_handler(StoreUnavailable, _store_unavailable)
-    app.add_error_handler(VersionMismatch, _version_mismatch)
-    app.add_error_handler(AlreadyVoided, _already_voided)
+    for domain_error in DOMAIN_PROBLEMS:
+        app.add_error_handler(domain_error, _domain_error)

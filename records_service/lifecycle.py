@@ -85,13 +85,13 @@ class Record:
         now = self._clock()
         record = require_valid(validate_correction(doc, json.loads(current.doc), now))
         answer_record(resp, self._store.correct(record, expected=expected, request_id=req.context.request_id,
-                                                now=utc_millis(now)))
+                                                key_id=req.context.principal.key_id, now=utc_millis(now)))
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, test_id: str) -> None:
         visible_record(self._store, req, test_id)
         expected = required_versions(req)
         answer_record(resp, self._store.void(test_id, expected=expected, request_id=req.context.request_id,
-                                             now=utc_millis(self._clock())))
+                                             key_id=req.context.principal.key_id, now=utc_millis(self._clock())))
 
 
 class History:
@@ -109,15 +109,15 @@ class History:
 
 
 class Audit:
-    """GET /audit/{request_id}: what one request wrote (admin). Any string may be asked about;
-    one no request ever had simply wrote nothing."""
+    """GET /audit/{request_id}: what one request wrote (admin), each write with its clinic and the
+    key that made it, since clients choose request IDs and two keys may share one. Any string may
+    be asked about; one no request ever had simply wrote nothing."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, request_id: str) -> None:
         sees = req.context.principal.sees
-        writes = [{k: w[k] for k in ("test_id", "version", "action", "at")}
-                  for w in self._store.audit(request_id) if sees(w["clinic_id"])]
+        writes = [w for w in self._store.audit(request_id) if sees(w["clinic_id"])]
         req.context.log_fields = {"count": len(writes)}
         resp.media = writes

@@ -17,9 +17,9 @@ from typing import Callable
 import falcon
 
 from . import dashboard
-from .errors import PROBLEM_JSON, Problem, StoreBusy, StoreUnavailable
+from .errors import PROBLEM_JSON, Problem, domain_problem
 from .runtime import FailureLog, Runtime
-from .store import Store
+from .store import Store, StoreBusy, StoreError
 from .validate import utc_millis
 
 log = logging.getLogger("records_service.operations")
@@ -38,13 +38,12 @@ class Ready:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         try:
             state = self._store.readiness()
-        except StoreBusy:
-            raise Problem(503, "not-ready", "the database stayed locked by another writer past the busy bound",
-                          title="Not ready", headers={"Retry-After": "1"}, reason="busy") from None
-        except StoreUnavailable as exc:
-            log.error("not ready: %s", exc)
-            raise Problem(503, "not-ready", "the database cannot be opened, read or written",
-                          title="Not ready", headers={"Retry-After": "5"}, reason="unavailable") from None
+        except StoreError as exc:
+            if not isinstance(exc, StoreBusy):
+                log.error("not ready: %s", exc)  # the real cause, for the operator
+            cause = domain_problem(exc)
+            raise Problem(503, "not-ready", f"not ready: {cause.description}", title="Not ready",
+                          headers=cause.headers, reason=cause.type_uri.rsplit(":", 1)[-1]) from None
         resp.media = {"status": "ready", **state}
 
 
@@ -77,7 +76,7 @@ class Dashboard:
             imports = tuple(self._store.import_runs())
         except StoreBusy:
             problem = "The database stayed locked past the busy bound; its figures are missing from this page."
-        except StoreUnavailable as exc:
+        except StoreError as exc:
             log.error("dashboard without database figures: %s", exc)
             problem = "The database cannot be opened or read; its figures are missing from this page."
         failures_total, failures = self._runtime.failures.recent()

@@ -11,9 +11,9 @@ import falcon
 
 from . import cursor
 from .access import clinic_forbidden
-from .errors import (DuplicateRecord, Problem, duplicate_record, invalid_parameter, invalid_parameters,
+from .errors import (Problem, duplicate_record, invalid_parameter, invalid_parameters,
                      invalid_record, malformed_json)
-from .store import Store
+from .store import DuplicateRecord, Store
 from .validate import (FILTERS, MalformedJSON, client_fields, parse_json, utc_millis, validate_list_query,
                        validate_record)
 
@@ -121,7 +121,8 @@ class TestsCollection:
         if not req.context.principal.sees(record["clinic_id"]):
             raise clinic_forbidden(record["clinic_id"])
         try:
-            body = self._store.insert(record, request_id=req.context.request_id, now=utc_millis(now))
+            body = self._store.insert(record, request_id=req.context.request_id,
+                                      key_id=req.context.principal.key_id, now=utc_millis(now))
         except DuplicateRecord as dup:
             raise duplicate_record(record["test_id"], client_fields(dup.stored) == record) from None
         resp.status = falcon.HTTP_201

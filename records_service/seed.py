@@ -6,7 +6,7 @@ each clinic has its own patients (about eight tests each), plausible test types 
 units and value ranges (a few with text results), mostly `final` statuses, occasional notes,
 and collection times spread over the year before the seed. Every record is what POST /tests
 would have stored for it; the rows are assembled from pre-encoded JSON pieces instead of
-`json.dumps` per record (a test checks they equal what `store._row` makes).
+`json.dumps` per record (a test checks they equal what `store.prepare` makes).
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def _middles(rng: random.Random, size: int = 4096) -> list[tuple[str, str, str]]
 
 def seed_rows(records: int, clinics: int, now: datetime, *, rng_seed: int | None = None,
               run: str | None = None) -> Iterator[tuple]:
-    """Yield `records` rows in the shape of store._row: test_id, clinic_id, patient_id, test_type,
-    status, collected_at sort key, created_at, updated_at, request_id, doc.
+    """Yield `records` rows in the shape of `store.NewRow` (plain tuples, faster): test_id, clinic_id,
+    patient_id, test_type, status, collected_at sort key, created_at, request_id, doc.
 
     test_ids are `seed-<run>-<n>` with a fresh `run` each time, so seeding twice adds records.
     """
@@ -126,8 +126,7 @@ def seed_rows(records: int, clinics: int, now: datetime, *, rng_seed: int | None
             patient_id = f"{patient_prefixes[clinic]}{int(uniform() * patients[clinic]):06d}"
             second = first_second + int(uniform() * span)
             collected = days[second // 86_400] + times[second % 86_400]
-            yield (test_id, clinic_id, patient_id, test_type, status, collected + ".000000000Z", stamp, stamp,
-                   request_id,
+            yield (test_id, clinic_id, patient_id, test_type, status, collected + ".000000000Z", stamp, request_id,
                    f'{{"test_id": "{test_id}", "clinic_id": "{clinic_id}", "patient_id": "{patient_id}", {middle}, '
                    f'"collected_at": "{collected}Z"{note}{tail}')
 

@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 
 from records_service import keys as api_keys
 from records_service.access import PUBLIC
-from records_service.store import Store
+from records_service.store.sqlite import SQLiteStore as Store
 from tests.live import Response
 
 CLINIC, OTHER_CLINIC = "C001", "C002"

@@ -20,7 +20,7 @@ from records_service.errors import install as install_error_handlers
 from records_service.keys import KeyRejected, create_key, parse_token
 from records_service.logs import JsonFormatter
 from records_service.middleware import Authenticate, RequestContext, presented_key
-from records_service.store import Store
+from records_service.store.sqlite import SQLiteStore as Store
 from tests.access_cases import (
     CLINIC, OTHER_CLINIC, ROUTES, SENTINELS, Call, basic, bearer, check_route, json_call, make_keys, record, seed,
     unknown_token, with_wrong_secret,

@@ -12,7 +12,7 @@ from records_service.access import Principal
 from records_service.app import create_app
 from records_service.collection import MAX_BATCH_RECORDS, _triage
 from records_service.config import Settings
-from records_service.store import Store
+from records_service.store.sqlite import SQLiteStore as Store
 from tests.test_api import assert_problem, post
 from tests.test_listing import NDJSON, ids, make
 

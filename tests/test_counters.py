@@ -1,4 +1,5 @@
-"""Dashboard counters (migration 5) and the `check` and `backup` commands on still databases."""
+"""Counters (clinic_counts, clinic_times, hourly_ingest, folded in behind clinic marks), and the
+`check` and `backup` commands on still databases."""
 
 from __future__ import annotations
 
@@ -9,21 +10,33 @@ import sys
 
 import pytest
 
-from records_service import store
-from records_service.store import Store, _insert_row, _statements, migrate
+from records_service.store.sqlite import SQLiteStore as Store
+from records_service.store.sqlite import counters as counters_module
+from records_service.store.sqlite.migrations import SCHEMA_VERSION, migrate
 from tests.live import REPO
-from tests.old_schemas import insert_as_schemas_2_to_6
+from tests.old_schemas import database_at, insert_as_schema
 
 
-def make(test_id: str, clinic_id: str = "C001") -> dict:
+def make(test_id: str, clinic_id: str = "C001", **fields) -> dict:
     return {"test_id": test_id, "clinic_id": clinic_id, "patient_id": "P1", "test_type": "CBC", "result": 1,
-            "unit": None, "status": "final", "collected_at": "2025-05-01T10:00:00Z", "notes": None}
+            "unit": None, "status": "final", "collected_at": "2025-05-01T10:00:00Z", "notes": None, **fields}
 
 
-def counters(path) -> tuple[dict, dict]:
+def kept_and_true(path) -> tuple[list, list]:
+    """(what the counters say, a recount of the records): clinic, test type, status, count rows."""
     conn = sqlite3.connect(path)
     try:
-        return (dict(conn.execute("SELECT clinic_id, sum(records) FROM clinic_counts GROUP BY clinic_id")),
+        truth, kept = counters_module.COUNTER_CHECKS["clinic_counts"]
+        return sorted(conn.execute(kept).fetchall()), sorted(conn.execute(truth).fetchall())
+    finally:
+        conn.close()
+
+
+def folded(path) -> tuple[dict, dict]:
+    """What the counter tables hold, without the tails: (clinic, type, status) -> n, hour -> n."""
+    conn = sqlite3.connect(path)
+    try:
+        return ({(c, t, s): n for c, t, s, n in conn.execute("SELECT * FROM clinic_counts")},
                 dict(conn.execute("SELECT hour, total FROM hourly_ingest")))
     finally:
         conn.close()
@@ -41,53 +54,108 @@ def db(tmp_path):
     s.insert(make("a"), request_id="r1", now="2025-06-01T10:59:59.999Z")
     s.insert(make("b"), request_id="r2", now="2025-06-01T11:00:00.000Z")
     s.insert(make("c", "C002"), request_id="r3", now="2025-06-01T11:30:00.000Z")
+    s.migrate()  # folds every tail
     s.close()
     return path
 
 
-def test_a_trigger_body_stays_one_statement():
-    script = "CREATE TABLE t (x TEXT); CREATE TRIGGER g AFTER INSERT ON t BEGIN SELECT 1; SELECT ';'; END; SELECT 2;"
-    assert [s.split()[0] for s in _statements(script)] == ["CREATE", "CREATE", "SELECT"]
-    assert _statements(script)[1].endswith("END;")
+def test_every_insert_is_counted_by_clinic_group_and_by_hour_of_ingest_once_folded(db):
+    assert folded(db) == ({("C001", "CBC", "final"): 2, ("C002", "CBC", "final"): 1},
+                          {"2025-06-01T10": 1, "2025-06-01T11": 2})
 
 
-def test_every_insert_is_counted_by_clinic_and_by_hour_of_ingest(db):
-    assert counters(db) == ({"C001": 2, "C002": 1}, {"2025-06-01T10": 1, "2025-06-01T11": 2})
+def test_records_not_yet_folded_are_counted_from_their_tail_and_folding_changes_no_figure(tmp_path):
+    store = Store(str(tmp_path / "r.db"))
+    store.insert(make("a"), request_id="r", now="2025-06-01T10:00:00.000Z")
+    store.migrate()
+    store.insert(make("b", status="preliminary", collected_at="2025-04-01T00:00:00Z"), request_id="r",
+                 now="2025-06-01T10:00:00.000Z")
+    tail = store.clinic_stats("C001")
+    assert folded(tmp_path / "r.db")[0] == {("C001", "CBC", "final"): 1}  # b is in the tail
+    assert tail == {"clinic_id": "C001", "total": 2, "by_test_type": {"CBC": 2},
+                    "by_status": {"final": 1, "preliminary": 1},
+                    "first_collected_at": "2025-04-01T00:00:00Z", "last_collected_at": "2025-05-01T10:00:00Z"}
+    store.migrate()
+    assert folded(tmp_path / "r.db")[0] == {("C001", "CBC", "final"): 1, ("C001", "CBC", "preliminary"): 1}
+    assert store.clinic_stats("C001") == tail
+    store.close()
 
 
-def test_a_correction_in_place_counts_nothing(db):
-    conn = sqlite3.connect(db, isolation_level=None)
-    # What a correction or void does (issue 6): the row changes in place, clinic_id and created_at do not.
-    conn.execute("UPDATE records SET version = 2, status = 'corrected', updated_at = '2025-06-02T00:00:00.000Z'"
-                 " WHERE test_id = 'a'")
+@pytest.mark.parametrize("fold_first", [True, False], ids=["counted", "in the tail"])
+def test_a_correction_moves_its_record_between_groups_and_keeps_first_and_last_exact(tmp_path, fold_first):
+    store = Store(str(tmp_path / "r.db"))
+    for n, day in enumerate(("01", "02", "03")):
+        store.insert(make(f"t{n}", collected_at=f"2025-05-{day}T00:00:00Z"), request_id="r", now="2025-06-01T10:00:00.000Z")
+    if fold_first:
+        store.migrate()
+    # t0 holds the clinic's earliest collected_at; its correction moves it to the latest.
+    store.correct(make("t0", status="corrected", collected_at="2025-05-09T00:00:00Z"), expected=frozenset({1}),
+                  request_id="fix", now="2025-06-01T11:00:00.000Z")
+    store.void("t1", expected=frozenset({1}), request_id="void", now="2025-06-01T11:00:00.000Z")
+    assert store.clinic_stats("C001") == {
+        "clinic_id": "C001", "total": 3, "by_test_type": {"CBC": 3},
+        "by_status": {"corrected": 1, "entered-in-error": 1, "final": 1},
+        "first_collected_at": "2025-05-02T00:00:00Z", "last_collected_at": "2025-05-09T00:00:00Z"}
+    kept, truth = kept_and_true(tmp_path / "r.db")
+    assert kept == truth == [("C001", "CBC", "corrected", 1), ("C001", "CBC", "entered-in-error", 1),
+                             ("C001", "CBC", "final", 1)]
+    assert store.check()["counter_mismatches"] == {name: 0 for name in counters_module.COUNTER_CHECKS}
+    store.close()
+
+
+def test_a_correction_reads_and_writes_the_same_whatever_the_size_of_its_clinic(tmp_path):
+    """No scan inside a write: the SQLite VM steps of correcting the record holding its clinic's
+    earliest collected_at are the same at 200 and at 20,000 records (a scan would grow 100x)."""
+
+    def steps_to_correct(records: int) -> int:
+        store = Store(str(tmp_path / f"{records}.db"))
+        rows = [make(f"t{n}", collected_at=f"2025-05-01T{n // 3600:02d}:{n // 60 % 60:02d}:{n % 60:02d}Z")
+                for n in range(records)]
+        store.insert_batch(rows, request_id="load", now="2025-06-01T10:00:00.000Z", atomic=False)
+        store.migrate()
+        conn = store._db.connection()
+        steps = [0]
+
+        def count():
+            steps[0] += 1
+
+        conn.set_progress_handler(count, 1)
+        store.correct(make("t0", collected_at="2025-05-09T00:00:00Z"), expected=frozenset({1}), request_id="fix",
+                      now="2025-06-01T11:00:00.000Z")
+        conn.set_progress_handler(None, 1)
+        assert store.clinic_stats("C001")["first_collected_at"] == "2025-05-01T00:00:01Z"
+        store.close()
+        return steps[0]
+
+    small, large = steps_to_correct(200), steps_to_correct(20_000)
+    assert large < small * 1.5, (small, large)
+
+
+def test_a_new_database_is_made_from_the_schema_and_counts_from_its_first_record(tmp_path):
+    store = Store(str(tmp_path / "r.db"))
+    store.insert(make("a"), request_id="r", now="2025-06-01T00:10:00.000Z")
+    store.migrate()
+    store.close()
+    conn = sqlite3.connect(tmp_path / "r.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("SELECT * FROM clinic_marks").fetchall() != []
+    assert {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")} == {
+        "records_one_version_at_a_time", "records_keep_superseded", "records_never_deleted",
+        "record_versions_never_updated", "record_versions_never_deleted"}
     conn.close()
-    assert counters(db) == ({"C001": 2, "C002": 1}, {"2025-06-01T10": 1, "2025-06-01T11": 2})
 
 
-def test_migration_5_counts_the_records_an_older_schema_already_holds(tmp_path):
-    path = tmp_path / "old.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    migrate(conn, upto=4)  # the schema before the counters
+def test_migration_8_counts_what_schema_7_held(tmp_path):
+    path = tmp_path / "v7.db"
+    conn = database_at(path, 7)
     for n, clinic in enumerate(["C001", "C001", "C002"]):
-        insert_as_schemas_2_to_6(conn, make(f"t{n}", clinic), "r", f"2025-06-01T0{n}:00:00.000Z")
+        insert_as_schema(7, conn, make(f"t{n}", clinic), "r", f"2025-06-01T0{n}:00:00.000Z")
     migrate(conn)
     conn.close()
-    assert counters(path) == ({"C001": 2, "C002": 1},
-                              {"2025-06-01T00": 1, "2025-06-01T01": 1, "2025-06-01T02": 1})
-    _insert_row(sqlite3.connect(path, isolation_level=None), make("later", "C002"), "r", "2025-06-01T02:10:00.000Z")
-    assert counters(path)[0] == {"C001": 2, "C002": 2}
-
-
-def test_from_schema_7_the_store_counts_each_insert_once_where_the_trigger_did(tmp_path):
-    path = tmp_path / "v6.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    migrate(conn, upto=6)  # hourly_ingest kept by migration 5's trigger
-    insert_as_schemas_2_to_6(conn, make("t0"), "r", "2025-06-01T00:10:00.000Z")
-    migrate(conn)
-    assert "records_counted" not in {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
-    _insert_row(conn, make("t1", "C002"), "r", "2025-06-01T00:20:00.000Z")
-    conn.close()
-    assert counters(path) == ({"C001": 1, "C002": 1}, {"2025-06-01T00": 2})
+    assert folded(path) == ({("C001", "CBC", "final"): 2, ("C002", "CBC", "final"): 1},
+                            {"2025-06-01T00": 1, "2025-06-01T01": 1, "2025-06-01T02": 1})
+    kept, truth = kept_and_true(path)
+    assert kept == truth
 
 
 # -- check -----------------------------------------------------------------------------------
@@ -95,7 +163,7 @@ def test_from_schema_7_the_store_counts_each_insert_once_where_the_trigger_did(t
 def test_check_passes_a_sound_database(db, tmp_path):
     out = cli("check", db_path=db, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert f"integrity ok, schema version {store.SCHEMA_VERSION}, 3 records" in out.stdout
+    assert f"integrity ok, schema version {SCHEMA_VERSION}, 3 records" in out.stdout
 
 
 def test_check_fails_counters_that_disagree_with_the_records(db, tmp_path):
@@ -114,14 +182,14 @@ def test_check_fails_an_older_schema_and_names_both_versions(tmp_path):
     conn.close()
     out = cli("check", str(path), db_path=tmp_path / "unused.db", cwd=tmp_path)
     assert out.returncode == 1
-    assert f"schema version 1, this code expects {store.SCHEMA_VERSION}" in out.stdout
+    assert f"schema version 1, this code expects {SCHEMA_VERSION}" in out.stdout
 
 
 def test_check_fails_an_index_that_disagrees_with_its_table(db, tmp_path):
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA writable_schema = ON")  # the index now claims to cover another column
-    conn.execute("UPDATE sqlite_schema SET sql = 'CREATE INDEX records_by_clinic ON records (patient_id, seq)'"
-                 " WHERE name = 'records_by_clinic'")
+    conn.execute("UPDATE sqlite_schema SET sql = 'CREATE INDEX records_by_patient ON records (status, seq)'"
+                 " WHERE name = 'records_by_patient'")
     conn.close()
     out = cli("check", db_path=db, cwd=tmp_path)
     assert out.returncode == 1
@@ -153,7 +221,7 @@ def test_backup_writes_one_self_contained_file_that_checks_clean(db, tmp_path):
     dest = tmp_path / "copy.db"
     out = cli("backup", str(dest), db_path=db, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert f"backed up 3 records (schema version {store.SCHEMA_VERSION})" in out.stdout
+    assert f"backed up 3 records (schema version {SCHEMA_VERSION})" in out.stdout
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("copy")) == ["copy.db"]
     conn = sqlite3.connect(dest)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"

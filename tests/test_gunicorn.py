@@ -174,7 +174,7 @@ def test_logs_are_json_carry_the_request_id_and_never_clinical_data(start_server
     assert story("log-list")[-1]["count"] == 1
 
     # Every line the app wrote, but those of a worker starting, was written for a request and names it.
-    starting = ("database ready", "schema migrated", "access control is DISABLED")
+    starting = ("database ready", "schema migrated", "schema created", "access control is DISABLED")
     app_lines = [line for line in lines if line["logger"].startswith("records_service")]
     assert len(app_lines) > len(story("log-create")) + len(story("log-dup"))
     assert [line["message"] for line in app_lines

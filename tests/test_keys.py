@@ -11,7 +11,7 @@ import pytest
 
 from records_service import keys, store as store_module
 from records_service.access import Principal
-from records_service.store import Store
+from records_service.store.sqlite import SQLiteStore as Store
 from tests.live import run_cli
 
 NOW = "2025-06-01T12:00:00.000Z"

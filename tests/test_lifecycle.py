@@ -15,7 +15,7 @@ from records_service.app import create_app
 from records_service.config import Settings
 from records_service.errors import VersionMismatch
 from records_service.lifecycle import versions_named
-from records_service.store import Store
+from records_service.store.sqlite import SQLiteStore as Store
 from tests.old_schemas import insert_as_schemas_2_to_6
 from tests.test_api import assert_problem, post
 

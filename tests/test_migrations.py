@@ -1,4 +1,5 @@
-"""Migration 2 (indexes for filters and paging, the cursor key) from a database made by schema 1."""
+"""Migrations: every older schema upgrades to exactly schema.sql, keeps its records, and several
+servers starting at once migrate once."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from urllib.parse import urlsplit
 
 import falcon.testing
 
-from records_service import store as store_module
+from records_service.store.sqlite import migrations
+from tests.old_schemas import INSERT_SQL, database_at, old_row
 from records_service.app import create_app
 from records_service.seed import seed_rows
+from records_service.store import prepare
 from tests.test_listing import ids, make, next_url
 
 NOW = datetime(2025, 6, 1, tzinfo=timezone.utc)
@@ -21,14 +24,12 @@ NOW = datetime(2025, 6, 1, tzinfo=timezone.utc)
 
 def version_1_database(path, records: list[dict] = (), seeded: int = 0) -> None:
     """A database exactly as schema 1 left it, holding `records` then `seeded` synthetic ones."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    store_module.migrate(conn, upto=1)
-    # Schema-1 code inserted the rows alone (the INSERT is the same); there were no counts yet.
-    rows = [store_module._row({"unit": None, "notes": None, **record}, "req-v1", "2025-05-31T00:00:00.000Z")
+    conn = database_at(path, 1)
+    # Schema-1 code inserted the rows alone; there were no counts yet.
+    rows = [old_row(prepare({"unit": None, "notes": None, **record}, "req-v1", "2025-05-31T00:00:00.000Z"))
             for record in records]
     conn.execute("BEGIN")
-    conn.executemany(store_module._INSERT_SQL, rows + list(seed_rows(seeded, 10, NOW, rng_seed=2)))
+    conn.executemany(INSERT_SQL, rows + [old_row(row) for row in seed_rows(seeded, 10, NOW, rng_seed=2)])
     conn.execute("COMMIT")
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
     conn.close()
@@ -50,10 +51,9 @@ def test_a_version_1_database_is_migrated_at_start_and_keeps_every_record(tmp_pa
     client = falcon.testing.TestClient(create_app(settings, clock=clock))
 
     conn = sqlite3.connect(settings.db_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations.SCHEMA_VERSION
     assert len(conn.execute("SELECT value FROM meta WHERE key = 'cursor_secret'").fetchone()[0]) == 32
     found = indexes(settings.db_path)
-    assert "(clinic_id, seq, status, test_type, collected_at, doc)" in found["records_by_clinic"]
     assert "(clinic_id, patient_id, seq)" in found["records_by_patient"]
     # The stats' counts start from the records that were there.
     assert conn.execute("SELECT clinic_id, test_type, status, records FROM clinic_counts ORDER BY status").fetchall() == [
@@ -71,66 +71,88 @@ def test_migrating_twice_changes_nothing(tmp_path):
     path = tmp_path / "twice.db"
     version_1_database(path, [make("a")])
     conn = sqlite3.connect(path, isolation_level=None)
-    store_module.migrate(conn)
+    migrations.migrate(conn)
     secret = conn.execute("SELECT value FROM meta").fetchall()
-    store_module.migrate(conn)
+    migrations.migrate(conn)
     assert conn.execute("SELECT value FROM meta").fetchall() == secret
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations.SCHEMA_VERSION
 
 
-def _workers_with_open(server, db, count: int, deadline_s: float = 20) -> list[int]:
-    """Wait until `count` workers of `server` have the database file open; their pids."""
+def schema_of(conn: sqlite3.Connection) -> dict:
+    """What a database's schema is, independent of how its statements were spelled: each table's
+    columns (name, type, not null, default, primary key place) and whether it is WITHOUT ROWID,
+    each index's table, columns and uniqueness, each trigger's SQL with whitespace collapsed."""
+    shape = {}
+    for kind, name, table, sql in conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"
+                                               " WHERE name NOT LIKE 'sqlite_%'"):
+        if kind == "table":
+            shape[name] = ([tuple(col[1:]) for col in conn.execute(f"PRAGMA table_xinfo({name})")],
+                           "WITHOUT ROWID" in sql.upper())
+        elif kind == "index":
+            unique = [row[2] for row in conn.execute(f"PRAGMA index_list({table})") if row[1] == name][0]
+            shape[name] = (table, [row[2] for row in conn.execute(f"PRAGMA index_info({name})")], unique)
+        else:
+            shape[name] = " ".join(sql.split())
+    return shape
+
+
+def test_every_older_schema_migrates_to_exactly_the_current_schema(tmp_path):
+    fresh = database_at(tmp_path / "fresh.db", migrations.SCHEMA_VERSION)
+    expected = schema_of(fresh)
+    assert "records" in expected and fresh.execute("PRAGMA user_version").fetchone()[0] == migrations.SCHEMA_VERSION
+    for version in range(1, migrations.SCHEMA_VERSION):
+        conn = database_at(tmp_path / f"v{version}.db", version)
+        migrations.migrate(conn)
+        assert schema_of(conn) == expected, f"from schema {version}"
+        conn.close()
+
+
+def _masters_with_open(servers, db, deadline_s: float = 20) -> None:
+    """Wait until every server's master process has the database file open (it is migrating)."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
-        holding = []
-        for pid in server.worker_pids():
+        opened = 0
+        for server in servers:
             try:
-                fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-            except OSError:  # a worker still starting, or gone
-                continue
-            if str(db) in fds:
-                holding.append(pid)
-        if len(holding) >= count:
-            return holding
+                pid = server.proc.pid
+                opened += str(db) in [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            except (OSError, AttributeError):
+                pass
+        if opened == len(servers):
+            return
         time.sleep(0.02)
-    raise AssertionError(f"fewer than {count} workers opened {db} within {deadline_s}s")
+    raise AssertionError(f"not every gunicorn master opened {db} within {deadline_s}s")
 
 
-def test_several_workers_starting_at_once_on_an_old_database_migrate_it_once(start_server, tmp_path):
+def test_several_servers_starting_at_once_on_an_old_database_migrate_it_once_before_their_workers(
+        start_server, tmp_path):
     db = tmp_path / "old.db"
     version_1_database(db, seeded=20_000)
-    # Hold the write lock while the workers start, so all four are inside migrate(), waiting,
-    # when it is let go: then they race for it.
+    # Hold the write lock while three servers start, so each master is inside migrate(),
+    # waiting, when it is let go: then they race for it. Workers start only after it.
     blocker = sqlite3.connect(db, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
-    with ThreadPoolExecutor(1) as pool:
-        starting = pool.submit(start_server, workers=4, db_path=db, RECORDS_BUSY_TIMEOUT_MS=30000)
-        while not start_server.servers or start_server.servers[0].proc is None:
+    with ThreadPoolExecutor(3) as pool:
+        starting = [pool.submit(start_server, workers=2, db_path=db, RECORDS_BUSY_TIMEOUT_MS=30000) for _ in range(3)]
+        while len(start_server.servers) < 3 or any(s.proc is None for s in start_server.servers):
             time.sleep(0.01)
-        waiting = _workers_with_open(start_server.servers[0], db, 4)
+        _masters_with_open(start_server.servers, db)
+        assert all(not s.worker_pids() for s in start_server.servers)  # no worker while migrating
         blocker.execute("ROLLBACK")
         blocker.close()
-        server = starting.result(60)
+        servers = [started.result(60) for started in starting]
 
-    # Each worker says once whether its database is ready; wait until all four have spoken.
-    deadline = time.monotonic() + 30
-    while True:
-        lines = server.log_lines()
-        opened = [line for line in lines if line["message"] == "database ready" or line["level"] == "ERROR"]
-        if len(opened) >= 4 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert [line["message"] for line in opened] == ["database ready"] * 4, server.output()
+    lines = [line for server in servers for line in server.log_lines()]
     migrated = [line for line in lines if line["message"] == "schema migrated"]
-    assert [line["schema_version"] for line in migrated] == sorted(v for v in store_module.MIGRATIONS if v > 1)  # once, by one of them
-    assert not [line for line in lines if line["level"] in ("ERROR", "CRITICAL")], server.output()
-    assert sorted(server.worker_pids()) == sorted(waiting)  # every worker came up and stayed up
+    assert sorted(line["schema_version"] for line in migrated) == sorted(v for v in migrations.MIGRATIONS if v > 1)
+    assert not [line for line in lines if line["level"] in ("ERROR", "CRITICAL")], [s.output() for s in servers]
+    server = servers[0]
     resp = server.request("GET", "/tests?clinic_id=C0001&limit=5")
     assert resp.status == 200 and len(resp.json()) == 5
 
     conn = sqlite3.connect(db)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
-    assert conn.execute("SELECT count(*) FROM meta").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations.SCHEMA_VERSION
+    assert conn.execute("SELECT count(*) FROM meta WHERE key = 'cursor_secret'").fetchone()[0] == 1
     assert conn.execute("SELECT count(*) FROM records").fetchone()[0] == 20_000
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 

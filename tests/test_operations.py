@@ -14,7 +14,8 @@ from html.parser import HTMLParser
 import falcon.testing
 import pytest
 
-from records_service import dashboard, store
+from records_service import dashboard
+from records_service.store.sqlite.migrations import SCHEMA_VERSION
 from records_service.app import create_app
 from records_service.config import Settings
 from tests.live import REPO
@@ -49,7 +50,7 @@ def bars(page: str) -> dict[str, int]:
 def test_ready_reports_the_database_state(client):
     resp = client.simulate_get("/ready")
     assert resp.status_code == 200
-    assert resp.json == {"status": "ready", "journal_mode": "wal", "schema_version": store.SCHEMA_VERSION}
+    assert resp.json == {"status": "ready", "engine": "sqlite", "journal_mode": "wal", "schema_version": SCHEMA_VERSION}
 
 
 def assert_not_ready(resp, reason: str) -> None:
@@ -150,7 +151,7 @@ def test_dashboard_shows_counts_per_clinic_and_per_hour(client, clock, record):
     rows = [(a["data-clinic"], int(a["data-total"])) for a in Elements(resp.text).find("tr") if "data-clinic" in a]
     assert rows == [("C001", 3), ("C002", 1), ("C003", 1)]
     assert (tile(resp.text, "records"), tile(resp.text, "clinics")) == ("5", "3")
-    assert tile(resp.text, "schema-version") == str(store.SCHEMA_VERSION)
+    assert tile(resp.text, "schema-version") == str(SCHEMA_VERSION)
     assert tile(resp.text, "journal-mode") == "wal"
     assert tile(resp.text, "database-size").endswith("KiB") and tile(resp.text, "wal-size").endswith("KiB")
 

@@ -13,7 +13,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from records_service.seed import seed_rows
-from records_service.store import Store
+from records_service.store.sqlite import SQLiteStore as Store
 from tests.test_gunicorn import make_record
 
 NDJSON = {"Content-Type": "application/x-ndjson"}

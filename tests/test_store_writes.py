@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from records_service import store as store_module
-from records_service.errors import DuplicateRecord, StoreBusy
-from records_service.store import Store
+from records_service.store import DuplicateRecord, StoreBusy
+from records_service.store.sqlite import connection as store_module
+from records_service.store.sqlite import SQLiteStore as Store
 
 
 def make(test_id: str) -> dict:
@@ -24,7 +24,7 @@ def make(test_id: str) -> dict:
 def test_sqlites_automatic_checkpoint_is_off_for_the_service(tmp_path):
     store = Store(str(tmp_path / "r.db"))
     store.open()
-    assert store._connection().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    assert store._db.connection().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
 
 
 def test_commits_stay_in_the_wal_until_enough_commits_and_time_have_passed(tmp_path):
@@ -33,7 +33,7 @@ def test_commits_stay_in_the_wal_until_enough_commits_and_time_have_passed(tmp_p
     store.open()
     sqlite3.connect(path, isolation_level=None).execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     size_before = os.path.getsize(path)
-    store._last_checkpoint -= store_module.CHECKPOINT_EVERY_S  # as if the interval had passed
+    store._db._last_checkpoint -= store_module.CHECKPOINT_EVERY_S  # as if the interval had passed
     for i in range(store_module.CHECKPOINT_EVERY_COMMITS - 1):
         store.insert(make(f"t{i}"), request_id="r", now="2025-06-01T00:00:00.000Z")
     assert os.path.getsize(path) == size_before, "a checkpoint ran before its number of commits"
@@ -55,7 +55,7 @@ def test_a_checkpoint_copies_after_the_turn_and_the_next_write_lets_the_wal_star
     other_worker.open()
     for i in range(store_module.CHECKPOINT_EVERY_COMMITS - 1):
         store.insert(make(f"t{i}"), request_id="r", now="2025-06-01T00:00:00.000Z")
-    store._last_checkpoint -= store_module.CHECKPOINT_EVERY_S
+    store._db._last_checkpoint -= store_module.CHECKPOINT_EVERY_S
     size_before = os.path.getsize(path)
 
     store.insert(make("due"), request_id="r", now="2025-06-01T00:00:00.000Z")  # the bulk copy, after its turn

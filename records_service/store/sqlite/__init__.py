@@ -1,0 +1,256 @@
+"""The SQLite engine: one file in WAL mode, a connection per thread, writers in turns.
+
+`SQLiteStore` is the `Store` interface over the modules beside it: connection (connections,
+the writers' turn, checkpoints, error translation), migrations (+ schema.sql), records
+(writes and queries), counters (stats and the dashboard), keys, maintenance (backup, check).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from itertools import islice
+from typing import Iterable, Iterator
+
+from ..base import Stored, prepare
+from ..errors import DuplicateRecord, StoreBusy, StoreFull, VersionMismatch, AlreadyVoided
+from . import counters, keys, maintenance, records
+from .connection import MIN_FREE_BYTES, Database, file_size
+from .migrations import SCHEMA_VERSION, migrate
+
+log = logging.getLogger("records_service.store")
+
+# A process folds the tails of the clinics it wrote to (counters.py) once this long has passed
+# since its last fold, or once it has written this many records: tails stay a few hundred rows.
+FOLD_EVERY_S = 1.0
+FOLD_EVERY_RECORDS = 2000
+# How many of a process's threads may wait for the writers' turn at once. Past it a write is
+# refused at once (503, Retry-After) instead of holding a thread that reads need: with another
+# writer holding the database, waiting writes would otherwise take every thread (issue 17).
+# Waiting for a slot a little smooths bursts; it never comes near the busy bound.
+WRITE_SLOT_WAIT_S = 0.1
+
+
+class SQLiteStore:
+    engine = "sqlite"
+
+    def __init__(self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000,
+                 writers: int | None = None) -> None:
+        self.path = path
+        self._db = Database(path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)
+        self._busy_timeout_ms = busy_timeout_ms
+        self._slots = threading.BoundedSemaphore(writers) if writers else None
+        self._touched: set[str] = set()
+        self._touched_records = 0
+        self._touched_lock = threading.Lock()
+        self._last_fold = time.monotonic()
+        self._cursor_secret: bytes | None = None
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def open(self) -> None:
+        self._db.connection()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def migrate(self) -> int:
+        """Migrate, then count every clinic's tail (what a process killed before its fold left)."""
+        self._db.connection()  # opening migrates
+        counted = self._write(lambda conn: counters.fold(conn))
+        if counted:
+            log.info("counters caught up", extra={"records": counted})
+        return SCHEMA_VERSION
+
+    def readiness(self) -> dict:
+        """Prove this process can read and write now: a real (tiny) write, and room to write more."""
+        free = self._db.free_bytes()
+        if free < MIN_FREE_BYTES:
+            raise StoreFull(f"only {free} bytes free beside {self.path}")
+
+        def probe(conn: sqlite3.Connection) -> dict:
+            conn.execute("INSERT INTO meta (key, value) VALUES ('ready_probe', strftime('%Y-%m-%dT%H:%M:%fZ'))"
+                         " ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+            return {"engine": self.engine, "schema_version": conn.execute("PRAGMA user_version").fetchone()[0],
+                    "journal_mode": conn.execute("PRAGMA journal_mode").fetchone()[0]}
+
+        return self._write(probe)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def _write(self, work):
+        if self._slots is None:
+            return self._db.write(work)
+        if not self._slots.acquire(timeout=WRITE_SLOT_WAIT_S):
+            log.warning("too many writes waiting for the database in this process; write refused")
+            raise StoreBusy("too many writes are waiting for the database")
+        try:
+            return self._db.write(work)
+        finally:
+            self._slots.release()
+
+    def _wrote(self, clinics: Iterable[str], count: int) -> None:
+        """Note where records went; fold those clinics' tails when one is due (outside the caller's write)."""
+        with self._touched_lock:
+            self._touched.update(clinics)
+            self._touched_records += count
+            due = (self._touched_records >= FOLD_EVERY_RECORDS
+                   or time.monotonic() - self._last_fold >= FOLD_EVERY_S) and self._touched
+            if not due:
+                return
+            clinics, self._touched, self._touched_records = self._touched, set(), 0
+            self._last_fold = time.monotonic()
+        try:
+            self._db.write(lambda conn: counters.fold(conn, clinics))
+        except Exception as exc:  # the records are committed; their tails stay counted when read
+            log.warning("counters not folded now: %s", exc)
+            with self._touched_lock:
+                self._touched.update(clinics)
+
+    def insert(self, record: dict, *, request_id: str, key_id: str | None = None, now: str) -> str:
+        row = prepare(record, request_id, now)
+
+        def work(conn: sqlite3.Connection) -> set[str]:
+            try:
+                return records.insert_rows(conn, [row], key_id)
+            except sqlite3.IntegrityError:
+                raise records.duplicate(conn, record["test_id"]) from None
+
+        try:
+            clinics = self._write(work)
+        except DuplicateRecord:
+            log.info("record not stored: test_id exists", extra={"test_id": record["test_id"]})
+            raise
+        log.info("committed", extra={"test_id": record["test_id"], "version": 1})
+        self._wrote(clinics, 1)
+        return row.doc
+
+    def insert_batch(self, batch: list[dict], *, request_id: str, key_id: str | None = None, now: str,
+                     atomic: bool) -> dict[str, dict]:
+        rows = [prepare(record, request_id, now) for record in batch]
+        test_ids = [row.test_id for row in rows]
+
+        def work(conn: sqlite3.Connection) -> tuple[dict[str, str], set[str]]:
+            existing = records.existing(conn, test_ids)
+            if existing and atomic:
+                return existing, set()
+            return existing, records.insert_rows(conn, [row for row in rows if row.test_id not in existing], key_id)
+
+        existing, clinics = self._write(work)
+        if existing and atomic:
+            log.info("batch not stored: test_ids exist", extra={"existing": len(existing)})
+        else:
+            log.info("committed", extra={"stored": len(rows) - len(existing), "existing": len(existing)})
+            self._wrote(clinics, len(rows) - len(existing))
+        return {test_id: json.loads(doc) for test_id, doc in existing.items()}
+
+    def existing(self, test_ids: list[str]) -> dict[str, dict]:
+        return {test_id: json.loads(doc) for test_id, doc in self._db.snapshot(
+            lambda conn: records.existing(conn, test_ids)).items()}
+
+    def bulk_insert(self, rows: Iterable[tuple], chunk_rows: int = 50_000) -> Iterator[int]:
+        """Insert NewRow-shaped rows in transactions of `chunk_rows`, yielding the running count after
+        each commit, then count them in (seed)."""
+        rows = iter(rows)
+        total = 0
+        conn = self._db.connection()
+        # For the load only: a cache that holds the indexes being extended (the default 2 MiB
+        # re-reads them from the OS for every row).
+        conn.execute("PRAGMA cache_size = -262144")
+        try:
+            while chunk := list(islice(rows, chunk_rows)):
+                self._write(lambda conn: records.insert_rows(conn, chunk, None))
+                total += len(chunk)
+                yield total
+            self._write(lambda conn: counters.fold(conn))
+        finally:
+            conn.execute("PRAGMA cache_size = -2000")
+
+    def correct(self, record: dict, *, expected: frozenset[int], request_id: str, key_id: str | None = None,
+                now: str) -> Stored:
+        return self._revise(record["test_id"], expected, lambda current: record, "correct", request_id, key_id, now)
+
+    def void(self, test_id: str, *, expected: frozenset[int], request_id: str, key_id: str | None = None,
+             now: str) -> Stored:
+        return self._revise(test_id, expected, records.entered_in_error, "void", request_id, key_id, now)
+
+    def _revise(self, test_id, expected, change, action, request_id, key_id, now) -> Stored:
+        try:
+            stored = self._write(lambda conn: records.revise(conn, test_id, expected, change, request_id, key_id, now))
+        except VersionMismatch as exc:
+            log.info("record not changed: version mismatch", extra={"test_id": test_id, "version": exc.current})
+            raise
+        except AlreadyVoided:
+            log.info("record not changed: already voided", extra={"test_id": test_id})
+            raise
+        log.info("committed", extra={"test_id": test_id, "version": stored.version, "action": action})
+        return stored
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def current(self, test_id: str) -> Stored | None:
+        return records.current(self._db, test_id)
+
+    def history_json(self, test_id: str) -> tuple[str, int]:
+        return records.history_json(self._db, test_id)
+
+    def audit(self, request_id: str) -> list[dict]:
+        return records.audit(self._db, request_id)
+
+    def list_page(self, filters: dict[str, str], after_seq: int, limit: int) -> tuple[str, int, int | None]:
+        return records.list_page(self._db, filters, after_seq, limit)
+
+    def export_docs(self, filters: dict[str, str], chunk_rows: int = 1000) -> Iterator[list[str]]:
+        return records.export_docs(self._db, filters, chunk_rows)
+
+    def clinic_stats(self, clinic_id: str) -> dict:
+        return counters.clinic_stats(self._db, clinic_id)
+
+    def cursor_secret(self) -> bytes:
+        """The key that signs paging cursors: made once with the schema, the same in every worker."""
+        if self._cursor_secret is None:
+            self._cursor_secret = self._db.read("SELECT value FROM meta WHERE key = 'cursor_secret'")[0][0]
+        return self._cursor_secret
+
+    def count(self) -> int:
+        return self._db.read("SELECT count(*) FROM records")[0][0]
+
+    def dashboard_counts(self, since_hour: str, top_clinics: int) -> dict:
+        """What the dashboard shows, from the counters: never a scan of records."""
+        return {**counters.dashboard_counts(self._db, since_hour, top_clinics),
+                "schema_version": self._db.read("PRAGMA user_version")[0][0],
+                "journal_mode": self._db.read("PRAGMA journal_mode")[0][0],
+                "database_bytes": file_size(self.path),
+                "wal_bytes": file_size(self.path + "-wal")}
+
+    # -- API keys --------------------------------------------------------------------------
+
+    def create_key(self, **key) -> None:
+        keys.create_key(self._db, **key)
+        log.info("api key created", extra={"key_id": key["key_id"]})
+
+    def find_key(self, key_id: str) -> dict | None:
+        return keys.find_key(self._db, key_id)
+
+    def list_keys(self) -> list[dict]:
+        return keys.list_keys(self._db)
+
+    def revoke_key(self, key_id: str, now: str) -> tuple[dict, bool] | None:
+        result = keys.revoke_key(self._db, key_id, now)
+        if result and result[1]:
+            log.info("api key revoked", extra={"key_id": key_id})
+        return result
+
+    # -- whole database --------------------------------------------------------------------
+
+    def backup(self, dest: str) -> dict:
+        return maintenance.backup_database(self.path, dest, busy_timeout_ms=self._busy_timeout_ms)
+
+    def check(self) -> dict:
+        return maintenance.check_database(self.path, busy_timeout_ms=self._busy_timeout_ms)
+
+
+__all__ = ["SQLiteStore", "SCHEMA_VERSION", "migrate"]
