@@ -20,6 +20,7 @@ from typing import Any, Callable, TextIO
 
 from ..logs import key_id_var, request_id_var
 from ..seed import ProgressBar
+from ..store.imports import COUNTS, MAX_FAILURES, ImportConflict
 from ..validate import utc_millis
 from .fetch import Fetcher, UpstreamError
 from .mapping import item_mapper, larger, record_of
@@ -29,9 +30,7 @@ from .source import Source
 
 log = logging.getLogger("records_service.import")
 
-MAX_FAILURES = 100
 EXIT_OK, EXIT_ITEMS_FAILED, EXIT_UPSTREAM = 0, 1, 3
-SUMMARY_COUNTS = ("pages", "fetched", "created", "updated", "unchanged", "failed")
 
 
 @dataclass
@@ -54,12 +53,12 @@ def _watermark_value(item: Any, source: Source) -> Any:
 
 def _empty_run(source: Source, request_id: str, since: str) -> dict:
     return {"source": source.name, "request_id": request_id, "since": since, "next": None, "complete": False,
-            "run_watermark": None, "failures": [], **dict.fromkeys(SUMMARY_COUNTS, 0)}
+            "run_watermark": None, "failures": [], **dict.fromkeys(COUNTS, 0)}
 
 
 def summary_of(run: dict) -> dict:
     return {"source": run["source"], "request_id": run["request_id"],
-            **{key: run[key] for key in SUMMARY_COUNTS}, "complete": run["complete"],
+            **{key: run[key] for key in COUNTS}, "complete": run["complete"],
             "failures": run["failures"][:MAX_FAILURES]}
 
 
@@ -128,11 +127,14 @@ def _walk(source: Source, store, run: dict, *, dry_run: bool, now: Callable[[], 
                        fetched=run["fetched"] + len(items), failed=run["failed"] + len(failures),
                        failures=(run["failures"] + failures)[:MAX_FAILURES])
         else:
-            run.update(store.import_page(
-                source.name, accepted,
-                {"page": page_no, "next": position, "since": run["since"], "fetched": len(items),
-                 "failures": failures, "watermark": watermark},
-                request_id=run["request_id"], key_id=f"import:{source.name}", now=utc_millis(moment)))
+            try:
+                run.update(store.import_page(
+                    source.name, accepted,
+                    {"page": page_no, "next": position, "since": run["since"], "fetched": len(items),
+                     "failures": failures, "watermark": watermark},
+                    request_id=run["request_id"], key_id=f"import:{source.name}", now=utc_millis(moment)))
+            except ImportConflict as exc:
+                return f"page {page_no} not stored: {exc}"
         bar.update(run["fetched"] - fetched_before, f"page {run['pages']:,}")
         if position is None:
             return None
