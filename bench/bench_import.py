@@ -35,7 +35,7 @@ from records_service.config import Settings
 from records_service.imports.run import run_import
 from records_service.imports.source import parse_source
 from records_service.store import open_store
-from records_service.validate import validate_record
+from records_service.validate import parse_batch, validate_record
 
 SOURCE = {
     "name": "bench", "kind": "rest", "url": "", "records": "", "rate": 100000, "timeout": 30,
@@ -93,7 +93,8 @@ def import_once(port: int, db_path: str, profile: bool) -> tuple[float, dict, ps
 
 
 def batch_once(items: list[dict], db_path: str, per_page: int) -> float:
-    """What POST /tests/_batch does with the same items, mapped as the import maps them, minus HTTP."""
+    """What POST /tests/_batch does with the same items, mapped as the import maps them, minus HTTP:
+    the strict parse of each body, the POST rules for each record, one transaction per body."""
     docs = [{"test_id": i["id"], "clinic_id": i["clinic"], "patient_id": i["patient"]["mrn"], "test_type": i["code"],
              "result": i["value"], "unit": i["unit"], "status": "final" if i["state"] == "F" else "preliminary",
              "collected_at": i["collected"], "notes": i["comment"]} for i in items]
@@ -103,7 +104,7 @@ def batch_once(items: list[dict], db_path: str, per_page: int) -> float:
     started = time.perf_counter()
     for body in bodies:
         now = datetime.now(timezone.utc)
-        batch = [validate_record(doc, now)[0] for doc in json.loads(body)]
+        batch = [validate_record(doc, now)[0] for doc in parse_batch(body, ndjson=False)]
         store.insert_batch(batch, request_id="bench-batch", now=now.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
                            atomic=False)
     elapsed = time.perf_counter() - started
@@ -111,10 +112,18 @@ def batch_once(items: list[dict], db_path: str, per_page: int) -> float:
     return elapsed
 
 
-def inside_store_s(stats: pstats.Stats) -> float:
-    """Cumulative time of the store's import_page calls (the page transactions)."""
-    return sum(cumulative for (path, _, name), (_, _, _, cumulative, _) in stats.stats.items()
-               if name == "import_page" and "store" in path)
+# Where a run's time goes: (label, file path part, function name) of the calls that hold each part.
+PARTS = (
+    ("inside the store's page transactions", "store/sqlite/__init__", "import_page"),
+    ("validating (the POST rules, as _batch does)", "validate.py", "validate_record"),
+    ("mapping items (paths, value maps)", "imports/mapping", "map_item"),
+    ("fetching and parsing pages", "imports/fetch", "fetch"),
+)
+
+
+def cumulative_s(stats: pstats.Stats, path_part: str, name: str) -> float:
+    return sum(cumulative for (path, _, function), (_, _, _, cumulative, _) in stats.stats.items()
+               if function == name and path_part in path)
 
 
 def main() -> None:
@@ -142,10 +151,11 @@ def main() -> None:
             if args.profile:
                 elapsed, summary, stats = import_once(port, str(Path(scratch) / "profiled.db"), profile=True)
                 total = stats.total_tt
-                inside = inside_store_s(stats)
-                log(f"profiled import (cProfile slows Python code, so the split matters, not the total): "
-                    f"{total:.2f}s, {inside / total:.0%} inside the store's page transactions, "
-                    f"{1 - inside / total:.0%} outside (fetch, parse, map, validate, progress)")
+                log(f"profiled import: {total:.2f}s (cProfile slows Python code: the shares matter, not the total)")
+                for label, path_part, name in PARTS:
+                    log(f"  {cumulative_s(stats, path_part, name) / total:4.0%} {label}")
+                inside = cumulative_s(stats, *PARTS[0][1:])
+                log(f"  {1 - inside / total:4.0%} outside the store in all")
                 out = io.StringIO()
                 stats.stream = out
                 stats.sort_stats("cumulative").print_stats(18)
