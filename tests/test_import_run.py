@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 from records_service.__main__ import main
 from records_service.config import Settings
 from records_service.store import open_store
-from tests.live import REPO
+from tests.live import REPO, on_a_terminal
 from tests.upstream import Reply, Upstream, fhir_pages, graphql_pages, rest_body_pages, rest_link_pages
 
 TOKEN = "s3cr3t-token-77a1"
@@ -33,6 +32,25 @@ def items(n: int, start: int = 0, **changes) -> list[dict]:
     return [{"id": f"LAB-{i:05d}", "patient": {"mrn": f"P-{i % 7}"}, "code": "HbA1c", "value": 5 + i / 100,
              "unit": "%", "state": "F", "collected": "2025-05-01T10:00:00+02:00", "comment": None,
              "updated": f"2025-05-20T00:00:{i:05d}Z", **changes} for i in range(start, start + n)]
+
+
+LAB_A_FIELDS = """
+[fields]
+test_id = "id"
+clinic_id = { value = "C001" }
+patient_id = "patient.mrn"
+test_type = "code"
+result = "value"
+unit = "unit"
+status = "state"
+collected_at = "collected"
+notes = "comment"
+
+[values.status]
+F = "final"
+P = "preliminary"
+C = "corrected"
+"""
 
 
 def source_toml(url: str, *, name: str = "lab-a", retries: int = 3, extra: str = "") -> str:
@@ -47,23 +65,7 @@ timeout = 2
 retries = {retries}
 rate = 1000
 {extra}
-
-[fields]
-test_id = "id"
-clinic_id = {{ value = "C001" }}
-patient_id = "patient.mrn"
-test_type = "code"
-result = "value"
-unit = "unit"
-status = "state"
-collected_at = "collected"
-notes = "comment"
-
-[values.status]
-F = "final"
-P = "preliminary"
-C = "corrected"
-"""
+{LAB_A_FIELDS}"""
 
 
 @pytest.fixture
@@ -290,14 +292,7 @@ cursor = "data.results.pageInfo.endCursor"
 has_next = "data.results.pageInfo.hasNextPage"
 rate = 1000
 retries = 1
-[fields]
-test_id = "id"
-clinic_id = {{ value = "C001" }}
-patient_id = "patient.mrn"
-test_type = "code"
-result = "value"
-collected_at = "collected"
-"""
+""" + LAB_A_FIELDS.replace("{", "{{").replace("}", "}}")
     with Upstream(graphql_pages(items(7), 3)) as upstream:
         status, summary, _ = run_import(capsys, write_source(env, graphql.format(url=upstream.url("/graphql"))))
     assert status == 0 and (summary["pages"], summary["created"]) == (3, 7)
@@ -383,23 +378,10 @@ def test_no_progress_bar_when_standard_error_is_not_a_terminal_and_one_on_a_term
                                capture_output=True, timeout=60)
         assert piped.returncode == 0
         assert all(line.startswith(b"{") for line in piped.stderr.splitlines())
-        master, slave = pty.openpty()
-        try:
-            subprocess.run([sys.executable, "-m", "records_service", "import", source], cwd=env,
-                           env={**cli_env, "RECORDS_LOG_LEVEL": "WARNING"}, stdout=subprocess.PIPE, stderr=slave,
-                           timeout=60)
-            os.close(slave)
-            shown = b""
-            while True:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                shown += chunk
-        finally:
-            os.close(master)
+        done, shown = on_a_terminal(lambda terminal: subprocess.run(
+            [sys.executable, "-m", "records_service", "import", source], cwd=env,
+            env={**cli_env, "RECORDS_LOG_LEVEL": "WARNING"}, stdout=subprocess.PIPE, stderr=terminal, timeout=60))
+    assert done.returncode == 0
     assert b"\rpage 3  30 items" in shown and b"items/s" in shown
 
 
