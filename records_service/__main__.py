@@ -240,8 +240,9 @@ def run_seed(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_import_source(args: argparse.Namespace, settings: Settings) -> int:
     """Pull one source into RECORDS_DB_PATH: 0 all stored or unchanged, 1 some items failed,
-    2 the source file is invalid (nothing fetched), 3 the upstream could not be read (what was
-    committed stays; run again to resume). The last line of standard output is the summary."""
+    2 the source file is invalid (nothing fetched), 3 the run stopped before its last page (the
+    upstream could not be read, or the database refused a page): what was committed stays, run
+    again to resume. The last line of standard output is the summary."""
     try:
         source = load_source(args.source_file, os.environ)
     except SourceError as exc:
@@ -254,7 +255,7 @@ def run_import_source(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         store.close()
     if outcome.problem:
-        print(f"records_service import: {source.name}: the upstream could not be read ({outcome.problem}); "
+        print(f"records_service import: {source.name}: stopped before the last page ({outcome.problem}); "
               "what was committed stays, run again to resume", file=sys.stderr)
     print(json.dumps(outcome.summary, ensure_ascii=False))
     return outcome.status

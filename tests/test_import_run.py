@@ -8,6 +8,7 @@ item once.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -245,6 +246,33 @@ def test_an_upstream_down_past_its_retries_exits_3_and_the_next_run_resumes_wher
     assert (resumed["pages"], resumed["fetched"], resumed["created"], resumed["complete"]) == (5, 50, 50, True)
     assert store.count() == 50
     assert len(store.audit(resumed["request_id"])) == 50
+
+
+def test_a_page_the_database_refuses_stops_the_run_with_exit_3_and_the_next_run_resumes(env, store, capsys,
+                                                                                       monkeypatch):
+    monkeypatch.setenv("RECORDS_BUSY_TIMEOUT_MS", "200")
+    store.open()
+    other_writer = os.open(f"{env / 'records.db'}-writer", os.O_RDWR)  # as a worker holding its turn
+    pages, locked = rest_link_pages(items(15), 5), []
+
+    def locking_at_page_2(seen):
+        if seen.query.get("page") == "2" and not locked:
+            fcntl.flock(other_writer, fcntl.LOCK_EX)
+            locked.append(True)
+        return pages(seen)
+
+    try:
+        with Upstream(locking_at_page_2) as upstream:
+            source = write_source(env, source_toml(upstream.url("/results")))
+            status, stopped, logs = run_import(capsys, source)
+            assert status == 3 and (stopped["pages"], stopped["created"]) == (1, 5)
+            assert any(line["message"] == "page not stored" for line in logs)
+            fcntl.flock(other_writer, fcntl.LOCK_UN)
+            asked = len(upstream.requests)
+            status, resumed, _ = run_import(capsys, source)
+    finally:
+        os.close(other_writer)
+    assert status == 0 and pages_asked(upstream, asked) == [2, 3] and store.count() == 15
 
 
 def test_the_cli_says_why_it_stopped_with_exit_3(env, capsys):

@@ -20,6 +20,7 @@ from typing import Any, Callable, TextIO
 
 from ..logs import key_id_var, request_id_var
 from ..seed import ProgressBar
+from ..store import Store, StoreError
 from ..store.imports import COUNTS, MAX_FAILURES, ImportConflict
 from ..validate import utc_millis
 from .fetch import Fetcher, UpstreamError
@@ -37,7 +38,7 @@ EXIT_OK, EXIT_ITEMS_FAILED, EXIT_UPSTREAM = 0, 1, 3
 class Outcome:
     summary: dict        # the last line of standard output
     status: int          # the exit status
-    problem: str | None  # why the upstream could not be read (exit 3), for standard error
+    problem: str | None  # why the run stopped before its last page (exit 3), for standard error
 
 
 def since_text(value: Any) -> str:
@@ -62,7 +63,7 @@ def summary_of(run: dict) -> dict:
             "failures": run["failures"][:MAX_FAILURES]}
 
 
-def run_import(source: Source, store, *, dry_run: bool = False, now: Callable[[], datetime],
+def run_import(source: Source, store: Store, *, dry_run: bool = False, now: Callable[[], datetime],
                progress_stream: TextIO, sleep: Callable[[float], None] = time.sleep) -> Outcome:
     """Run (or resume) one import of `source` into `store`; see the module's docstring."""
     saved = store.import_progress(source.name)
@@ -90,10 +91,12 @@ def run_import(source: Source, store, *, dry_run: bool = False, now: Callable[[]
         key_id_var.reset(request_tokens[1])
 
 
-def _walk(source: Source, store, run: dict, *, dry_run: bool, now: Callable[[], datetime],
+def _walk(source: Source, store: Store, run: dict, *, dry_run: bool, now: Callable[[], datetime],
           sleep: Callable[[float], None], bar: ProgressBar) -> str | None:
     """Fetch and store pages from `run`'s position to the last page, updating `run` as the
-    store saves it. Returns why the upstream could not be read, or None when the run completed."""
+    store saves it. Returns why the run stopped before its last page (the upstream could not be
+    read, or the database refused the page: either way what was committed stays and the next
+    run resumes), or None when the run completed."""
     fetcher = Fetcher(source, sleep=sleep)
     map_item = item_mapper(source)
     fetched_before = run["fetched"]  # by an earlier invocation of a resumed run: not in this one's rate
@@ -133,7 +136,8 @@ def _walk(source: Source, store, run: dict, *, dry_run: bool, now: Callable[[], 
                     {"page": page_no, "next": position, "since": run["since"], "fetched": len(items),
                      "failures": failures, "watermark": watermark},
                     request_id=run["request_id"], key_id=f"import:{source.name}", now=utc_millis(moment)))
-            except ImportConflict as exc:
+            except (ImportConflict, StoreError) as exc:
+                log.warning("page not stored", extra={"page": page_no, "reason": str(exc)})
                 return f"page {page_no} not stored: {exc}"
         bar.update(run["fetched"] - fetched_before, f"page {run['pages']:,}")
         if position is None:
