@@ -119,6 +119,14 @@ def test_a_redirect_to_another_origin_is_not_followed():
     assert other.requests == []
 
 
+@pytest.mark.parametrize("path", ["/a b", "/caf\u00e9", "/x\r\nX-Injected: 1"])
+def test_a_next_url_that_cannot_be_sent_fails_the_page_without_a_traceback(path):
+    with Upstream(ok) as upstream:
+        with pytest.raises(UpstreamError, match="cannot be requested"):
+            Fetcher(source_for(upstream, retries=3)).fetch(PageRequest(upstream.url(path)), 2)
+    assert upstream.requests == []
+
+
 def test_requests_are_spaced_by_the_rate():
     with Upstream(ok) as upstream:
         fetcher = Fetcher(source_for(upstream, rate=10))

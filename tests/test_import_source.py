@@ -64,6 +64,10 @@ def test_header_variables_are_expanded_and_never_shown():
     ({"headers": {"Bad Name": "x"}}, {}, "headers.Bad Name: is not a valid header name"),
     ({"headers": {"X-Token": 5}}, {}, "headers.X-Token: must be a string"),
     ({"headers": "x"}, {}, "headers: must be a table"),
+    ({"headers": {"X-Token": "${T}"}}, {"T": "line\nbreak"}, "headers.X-Token: the value (once expanded) must be"),
+    ({"headers": {"X-Token": "${T}"}}, {"T": "caf\u00e9"}, "headers.X-Token: the value (once expanded) must be"),
+    ({"url": "http://lab.example/a b"}, {}, "url: must be ASCII without spaces"),
+    ({"url": "http://lab.example:99999/"}, {}, "url: is not a valid URL"),
     ({"fields": {**FIELDS, "colour": "c"}}, {}, "fields.colour: is not a record field"),
     ({"fields": {**FIELDS, "unit": {"val": "x"}}}, {}, "fields.unit: a fixed value is written { value = ... }"),
     ({"fields": {**FIELDS, "unit": 3}}, {}, "fields.unit: must be a string"),
@@ -76,6 +80,7 @@ def test_a_bad_source_names_the_key(overrides, env, message):
         parse_source(rest(**overrides), env)
     assert str(raised.value).startswith(message)
     assert "\n" not in str(raised.value)
+    assert all(value not in str(raised.value) for value in env.values())
 
 
 @pytest.mark.parametrize("missing", ["name", "kind", "url", "fields"])

@@ -155,6 +155,9 @@ class Fetcher:
         except (TimeoutError, socket.timeout):
             raise UpstreamError(f"{where(request.url)}: timed out after {self._source.timeout:g}s",
                                 retryable=True) from None
+        except ValueError as exc:  # http.client refuses a URL it cannot send (a next link with spaces, non-ASCII)
+            raise UpstreamError(f"{where(request.url)}: cannot be requested ({type(exc).__name__})",
+                                retryable=False) from None
         except (OSError, http.client.HTTPException) as exc:
             raise UpstreamError(f"{where(request.url)}: {_reason(exc)}", retryable=True) from None
         try:

@@ -21,6 +21,7 @@ KINDS = ("rest", "graphql")
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
 VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", re.ASCII)
 HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", re.ASCII)  # RFC 9110 token
+HEADER_VALUE_RE = re.compile(r"[\t\x20-\x7e]*", re.ASCII)
 DEFAULT_MAX_PAGE_BYTES = 16 * 1024 * 1024
 
 _COMMON_KEYS = {"name", "kind", "url", "headers", "records", "watermark", "since", "timeout", "retries", "rate",
@@ -104,9 +105,15 @@ def _path(key: str, value: Any, *, many: bool = False) -> Path:
 
 def check_url(key: str, url: str) -> str:
     """An absolute http or https URL with a host, or SourceError."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises ValueError for a port that is not a number or out of range
+    except ValueError:
+        raise SourceError(f"{key}: is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise SourceError(f"{key}: must be an absolute http:// or https:// URL")
+    if not url.isascii() or any(c.isspace() or not c.isprintable() for c in url):
+        raise SourceError(f"{key}: must be ASCII without spaces (percent-encode anything else)")
     return url
 
 
@@ -126,8 +133,9 @@ def _headers(value: Any, environ: Mapping[str, str]) -> dict[str, str]:
             return environ[match.group(1)]
 
         expanded = VAR_RE.sub(expand, raw)
-        if any(c in expanded for c in "\r\n\0"):
-            raise SourceError(f"{key}: the value must be one line")
+        # HTTP sends header values as visible ASCII (and tabs); anything else would fail each request.
+        if not HEADER_VALUE_RE.fullmatch(expanded):
+            raise SourceError(f"{key}: the value (once expanded) must be printable ASCII on one line")
         headers[name] = expanded
     return headers
 
