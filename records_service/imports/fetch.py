@@ -151,6 +151,9 @@ class Fetcher:
             raise UpstreamError(f"{where(request.url)} answered {status}", retryable=retryable,
                                 retry_after=retry_after) from None
         except urllib.error.URLError as exc:
+            if isinstance(exc.reason, ValueError):  # http.client.InvalidURL: nothing was sent
+                raise UpstreamError(f"{where(request.url)}: cannot be requested ({type(exc.reason).__name__})",
+                                    retryable=False) from None
             raise UpstreamError(f"{where(request.url)}: {_reason(exc.reason)}", retryable=True) from None
         except (TimeoutError, socket.timeout):
             raise UpstreamError(f"{where(request.url)}: timed out after {self._source.timeout:g}s",
