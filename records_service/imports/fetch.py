@@ -151,14 +151,11 @@ class Fetcher:
             raise UpstreamError(f"{where(request.url)} answered {status}", retryable=retryable,
                                 retry_after=retry_after) from None
         except urllib.error.URLError as exc:
-            if isinstance(exc.reason, ValueError):  # http.client.InvalidURL: nothing was sent
-                raise UpstreamError(f"{where(request.url)}: cannot be requested ({type(exc.reason).__name__})",
-                                    retryable=False) from None
             raise UpstreamError(f"{where(request.url)}: {_reason(exc.reason)}", retryable=True) from None
         except (TimeoutError, socket.timeout):
             raise UpstreamError(f"{where(request.url)}: timed out after {self._source.timeout:g}s",
                                 retryable=True) from None
-        except ValueError as exc:  # http.client refuses a URL it cannot send (a next link with spaces, non-ASCII)
+        except (ValueError, http.client.InvalidURL) as exc:  # a URL http.client cannot send: nothing was sent
             raise UpstreamError(f"{where(request.url)}: cannot be requested ({type(exc).__name__})",
                                 retryable=False) from None
         except (OSError, http.client.HTTPException) as exc:
