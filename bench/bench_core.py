@@ -66,7 +66,7 @@ def start_with_auth(db_path: Path, workers: int, app: str | None, ours_env: dict
     server from now on (common.lua reads BENCH_AUTHORIZATION; the others ignore the header).
     The key is made as `keys create` makes it and never printed."""
     from records_service import keys
-    from records_service.store import Store
+    from records_service.store.sqlite import SQLiteStore as Store
 
     store = Store(str(db_path))
     key_id, token = keys.create_key(store, name="bench", roles=["ingest", "read"], clinics=None,

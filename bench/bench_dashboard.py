@@ -6,7 +6,7 @@
 One run on this machine:
   1. fills a database with --records records over --clinics clinics, their created_at spread
      evenly over the last 10 days (so the 7-day chart is full and older hours exist), through
-     records_service.store._insert_row -- the one insert every way of creating a record uses, so
+     records_service.store.sqlite.records.insert_rows -- the one insert every way of creating a record uses, so
      the counters are kept as in service -- in 20,000-row transactions. With --db,
      an existing file that already holds the records is reused (fill skipped);
   2. starts our service on it (`gunicorn -c gunicorn.conf.py --no-control-socket`, 2 workers
@@ -34,7 +34,9 @@ from pathlib import Path
 
 import records_gen
 from common import BenchError, Server, clean_env, free_port, gunicorn_argv, log, run_benchmark, server_settings
-from records_service.store import Store, _insert_row  # common put the repository on sys.path
+from records_service.store import prepare  # common put the repository on sys.path
+from records_service.store.sqlite import SQLiteStore as Store
+from records_service.store.sqlite.records import insert_rows
 from records_service.validate import validate_record
 
 CHUNK = 20_000
@@ -59,12 +61,13 @@ def records(count: int, clinics: int, prefix: str, seed: int = 20240501):
 
 
 def fill(store: Store, pairs, report_every: int = 0) -> int:
-    """Insert every (record, created_at) through _insert_row, CHUNK rows per transaction."""
+    """Insert every (record, created_at) through the store's insert, CHUNK rows per transaction."""
     request_id = str(uuid.uuid4())
     done, chunk = 0, []
 
     def flush() -> None:
-        store._write(lambda conn: [_insert_row(conn, record, request_id, created) for record, created in chunk])
+        store._write(lambda conn: insert_rows(conn, [prepare(record, request_id, created) for record, created in chunk],
+                                              None))
 
     for pair in pairs:
         chunk.append(pair)

@@ -7,7 +7,7 @@
 Batch ingest and seeding are bound by the SQL write (bench_scale.py's profile), and the issue
 names SQLite's own rate as the reference: "about 200,000 rows/s in batches of 1,000". This
 inserts --records rows made by `seed.seed_rows` (realistic records) into a fresh database at
-today's schema, through `store._insert_rows` (the insert every way of creating records uses,
+today's schema, through `store.sqlite.records.insert_rows` (the insert every way of creating records uses,
 with its clinic_counts and hourly_ingest upserts), in transactions of --chunk rows, WAL and
 synchronous=NORMAL as served, with a 256 MiB page cache as `seed` uses. It does so once with
 every index, and once with each secondary index dropped in turn, and for the schema's
@@ -37,9 +37,10 @@ from pathlib import Path
 
 from common import add_with_sql_argument, log, log_command  # common puts the repository on sys.path
 from records_service import seed
-from records_service.store import _INSERT_SQL, SCHEMA_VERSION, _insert_rows, migrate
+from records_service.store.sqlite.migrations import SCHEMA_VERSION, migrate
+from records_service.store.sqlite.records import insert_rows
 
-SECONDARY_INDEXES = ("records_by_clinic", "records_by_patient", "records_by_request")
+SECONDARY_INDEXES = ("records_by_patient", "records_by_request")
 ORDERS = ("random", "clinic")
 
 
@@ -81,10 +82,7 @@ def insert_rate(path: Path, rows: list[tuple], drop: tuple[str, ...], counters: 
         pending = iter(rows)
         while part := list(islice(pending, chunk)):
             conn.execute("BEGIN IMMEDIATE")
-            if counters:
-                _insert_rows(conn, part)
-            else:
-                conn.executemany(_INSERT_SQL, part)
+            insert_rows(conn, part, None)  # schema 8 counts no record in its insert: `counters` is moot
             conn.execute("COMMIT")
         return len(rows) / (time.perf_counter() - started)
     finally:

@@ -174,7 +174,7 @@ def cpu_use(before: CpuSnapshot, after: CpuSnapshot) -> dict:
 def prefill(db_path: Path, clinics: int, per_clinic: int) -> float:
     """Store clinics*per_clinic records (records_gen.prefill_records) through Store.insert, as the
     service stores them; return the seconds it took."""
-    from records_service.store import Store
+    from records_service.store.sqlite import SQLiteStore as Store
     from records_service.validate import validate_record
 
     started = time.perf_counter()

@@ -12,13 +12,14 @@ path allows. Nothing is stored: never point it at a database that matters.
 
 from records_service import store
 from records_service.app import create_app
+from records_service.store.sqlite import SQLiteStore
 
 __all__ = ["create_app"]  # the factory --ours-app names
 
 
-def _insert_without_sql(self, record: dict, *, request_id: str, now: str) -> str:
-    self._connection()  # open (and migrate) as the real insert does
-    return store._row(record, request_id, now)[-1]
+def _insert_without_sql(self, record: dict, *, request_id: str, key_id=None, now: str) -> str:
+    self.open()  # open (and migrate) as the real insert does
+    return store.prepare(record, request_id, now).doc
 
 
-store.Store.insert = _insert_without_sql
+SQLiteStore.insert = _insert_without_sql

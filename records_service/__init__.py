@@ -1,3 +1,3 @@
 """records_service: ingest and query medical test results over HTTP."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

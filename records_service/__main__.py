@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from . import keys
+from . import __version__, keys
 from .app import utc_now
 from .config import ConfigError, Settings, load_dotenv_file, load_settings
 from .imports.run import run_import
@@ -176,6 +176,7 @@ def _at_least_1(raw: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m records_service")
+    parser.add_argument("--version", action="version", version=f"records_service {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     key_commands = commands.add_parser("keys", help="create, list and revoke API keys").add_subparsers(

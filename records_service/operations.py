@@ -16,7 +16,7 @@ from typing import Callable
 
 import falcon
 
-from . import dashboard
+from . import __version__, dashboard
 from .errors import PROBLEM_JSON, Problem, domain_problem
 from .runtime import FailureLog, Runtime
 from .store import Store, StoreBusy, StoreError
@@ -30,7 +30,7 @@ DASHBOARD_CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none';
 
 
 class Ready:
-    """GET /ready: 200 with the database's state when this worker can read and write; else 503."""
+    """GET /ready: 200 with the version and the database's state when this worker can read and write; else 503."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -44,7 +44,7 @@ class Ready:
             cause = domain_problem(exc)
             raise Problem(503, "not-ready", f"not ready: {cause.description}", title="Not ready",
                           headers=cause.headers, reason=cause.type_uri.rsplit(":", 1)[-1]) from None
-        resp.media = {"status": "ready", **state}
+        resp.media = {"status": "ready", "version": __version__, **state}
 
 
 class OpenAPIDocument:

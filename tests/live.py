@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,8 +18,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
+
+
+def debian_command(command: str, package: str) -> str:
+    """The path of `command`, installing Debian's `package` with apt-get when it is missing.
+
+    Skips (saying why) only where it cannot be installed: no apt-get, or not root.
+    """
+    found = shutil.which(command)
+    if found:
+        return found
+    if not shutil.which("apt-get"):
+        pytest.skip(f"{command} is not installed and there is no apt-get to install it")
+    if os.geteuid() != 0:
+        pytest.skip(f"{command} is not installed and installing it needs root (apt-get install -y {package})")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "--no-install-recommends", package]
+    out = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
+    if out.returncode != 0:  # the package lists may be stale or absent: refresh once
+        subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=300)
+        out = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
+    if out.returncode != 0 or not shutil.which(command):
+        pytest.skip(f"{command} could not be installed: {(out.stderr or out.stdout).strip()[-300:]}")
+    return shutil.which(command)
 
 
 def free_port() -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import struct
 import subprocess
 import zlib
@@ -15,6 +13,7 @@ import pytest
 from records_service.app import create_app
 from records_service.config import Settings
 from tests.conftest import Clock
+from tests.live import debian_command
 from tests.test_api import post
 from tests.test_operations import bars
 
@@ -26,23 +25,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    """Debian's chromium, installed with apt-get when missing; a skip says why it cannot be."""
-    found = shutil.which("chromium")
-    if found:
-        return found
-    if not shutil.which("apt-get"):
-        pytest.skip("chromium is not installed and there is no apt-get to install it")
-    if os.geteuid() != 0:
-        pytest.skip("chromium is not installed and installing it needs root (apt-get install -y chromium)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
-    out = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
-    if out.returncode != 0:  # the package lists may be stale or absent: refresh once
-        subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=300)
-        out = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
-    if out.returncode != 0 or not shutil.which("chromium"):
-        pytest.skip(f"chromium could not be installed: {(out.stderr or out.stdout).strip()[-300:]}")
-    return shutil.which("chromium")
+    """Debian's chromium, installed with apt-get when missing."""
+    return debian_command("chromium", "chromium")
 
 
 def run_chromium(chromium: str, profile, *args: str) -> subprocess.CompletedProcess:

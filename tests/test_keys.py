@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-from records_service import keys, store as store_module
+from records_service import keys
+from records_service.store.sqlite import migrations
 from records_service.access import Principal
 from records_service.store.sqlite import SQLiteStore as Store
 from tests.live import run_cli
@@ -84,13 +85,13 @@ def test_revoking_twice_keeps_the_first_time_and_an_unknown_key_is_none(store):
 
 def test_migration_4_adds_the_key_table_and_keeps_every_record(tmp_path):
     conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
-    store_module.migrate(conn, upto=3)
+    migrations.migrate(conn, upto=3)
     conn.execute("INSERT INTO records (test_id, clinic_id, patient_id, test_type, status, collected_at, created_at,"
                  " updated_at, version, request_id, doc) VALUES ('T1', 'C1', 'P1', 'CBC', 'final', 'x', 'x', 'x', 1,"
                  " 'r', '{}')")
     assert conn.execute("PRAGMA user_version").fetchone()[0] < 4
-    store_module.migrate(conn)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION >= 4
+    migrations.migrate(conn)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations.SCHEMA_VERSION >= 4
     assert conn.execute("SELECT test_id FROM records").fetchall() == [("T1",)]
     assert conn.execute("SELECT count(*) FROM api_keys").fetchone() == (0,)
 

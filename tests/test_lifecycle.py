@@ -9,14 +9,15 @@ from datetime import timedelta
 import falcon.testing
 import pytest
 
-from records_service import store as store_module
+from records_service.store import stored_doc
+from records_service.store.sqlite import migrations
 from records_service.access import Principal
 from records_service.app import create_app
 from records_service.config import Settings
-from records_service.errors import VersionMismatch
+from records_service.store import VersionMismatch
 from records_service.lifecycle import versions_named
 from records_service.store.sqlite import SQLiteStore as Store
-from tests.old_schemas import insert_as_schemas_2_to_6
+from tests.old_schemas import database_at, insert_as_schema, insert_as_schemas_2_to_6
 from tests.test_api import assert_problem, post
 
 
@@ -217,10 +218,12 @@ class TestHistoryAndAudit:
                                                 ("req-correct", 2, "correct", corrected["updated_at"])]:
             resp = client.simulate_get(f"/audit/{request_id}")
             assert resp.status_code == 200
-            assert resp.json == [{"test_id": "T-0001", "version": version, "action": action, "at": at}]
+            assert resp.json == [{"test_id": "T-0001", "version": version, "action": action, "at": at,
+                                  "clinic_id": "C001", "key_id": None}]
         delete(client, "T-0001", '"2"', "req-void")
         assert client.simulate_get("/audit/req-void").json == [
-            {"test_id": "T-0001", "version": 3, "action": "void", "at": "2025-06-01T12:00:01.123Z"}]
+            {"test_id": "T-0001", "version": 3, "action": "void", "at": "2025-06-01T12:00:01.123Z",
+             "clinic_id": "C001", "key_id": None}]
 
     def test_audit_of_a_request_that_wrote_nothing_is_an_empty_list(self, client, created):
         client.simulate_get("/tests/T-0001", headers={"X-Request-ID": "req-read"})
@@ -230,14 +233,11 @@ class TestHistoryAndAudit:
 
     def test_audit_lists_a_requests_writes_in_the_order_it_made_them(self, settings, record):
         store = Store(settings.db_path)
-        store.open()
-        conn = sqlite3.connect(settings.db_path, isolation_level=None)
-        conn.execute("BEGIN")
-        for test_id in ("Z", "A", "M"):  # as a batch would: one request, several records
-            store_module._insert_row(conn, {**record, "test_id": test_id}, "req-batch", "2025-06-01T12:00:00.000Z")
-        conn.execute("COMMIT")
-        conn.close()
-        assert [w["test_id"] for w in store.audit("req-batch")] == ["Z", "A", "M"]
+        batch = [{**record, "test_id": test_id, "clinic_id": clinic_id}  # one request, several clinics
+                 for test_id, clinic_id in (("Z", "C9"), ("A", "C001"), ("M", "C5"), ("B", "C001"))]
+        store.insert_batch(batch, request_id="req-batch", key_id="k1", now="2025-06-01T12:00:00.000Z", atomic=False)
+        assert [(w["test_id"], w["clinic_id"], w["key_id"]) for w in store.audit("req-batch")] == [
+            ("Z", "C9", "k1"), ("A", "C001", "k1"), ("M", "C5", "k1"), ("B", "C001", "k1")]
 
 
 class AsPrincipal:
@@ -302,9 +302,15 @@ class TestTriggers:
         yield conn
         conn.close()
 
-    def test_a_record_inserted_by_any_code_path_gets_version_1_in_history(self, client, conn, record):
-        store_module._insert_row(conn, {**record, "test_id": "seeded"}, "req-seed", "2025-06-01T12:00:00.000Z")
-        assert [v["request_id"] for v in history(client, "seeded")] == ["req-seed"]
+    def test_a_new_version_written_by_any_code_path_keeps_the_one_it_supersedes(self, client, conn, created):
+        # Not through the store: plain SQL, as a script or a future code path might change a record.
+        doc = json.loads(conn.execute("SELECT doc FROM records WHERE test_id = 'T-0001'").fetchone()[0])
+        doc.update(version=2, result=9, updated_at="2025-06-02T00:00:00.000Z", request_id="req-script")
+        conn.execute("UPDATE records SET version = 2, request_id = 'req-script', doc = ? WHERE test_id = 'T-0001'",
+                     (json.dumps(doc),))
+        assert [(v["version"], v["request_id"]) for v in history(client, "T-0001")] == [
+            (1, "req-create"), (2, "req-script")]
+        assert history(client, "T-0001")[0] == created
 
     @pytest.mark.parametrize("sql", [
         "DELETE FROM records",
@@ -326,8 +332,7 @@ class TestTriggers:
 class TestMigration:
     def test_existing_records_become_version_1_with_their_original_request_id(self, tmp_path, record, clock):
         path = str(tmp_path / "old.db")
-        conn = sqlite3.connect(path, isolation_level=None)
-        store_module.migrate(conn, upto=2)  # the schema before this migration
+        conn = database_at(path, 2)  # the schema before this migration
         assert "record_versions" not in {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         conn.execute("BEGIN")
         old = [json.loads(insert_as_schemas_2_to_6(conn, {**record, "test_id": f"old-{i}"}, f"req-old-{i}",
@@ -337,11 +342,12 @@ class TestMigration:
 
         client = falcon.testing.TestClient(create_app(Settings(db_path=path, auth="disabled"), clock=clock))
         schema = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
-        assert schema == store_module.SCHEMA_VERSION
+        assert schema == migrations.SCHEMA_VERSION
         for i, doc in enumerate(old):
             assert history(client, f"old-{i}") == [doc]
             assert client.simulate_get(f"/audit/req-old-{i}").json == [
-                {"test_id": f"old-{i}", "version": 1, "action": "create", "at": doc["updated_at"]}]
+                {"test_id": f"old-{i}", "version": 1, "action": "create", "at": doc["updated_at"],
+                 "clinic_id": "C001", "key_id": None}]
         # The migrated records go on like any other.
         resp = put(client, "old-1", {**record, "test_id": "old-1", "result": 1}, '"1"', "req-new")
         assert resp.json["version"] == 2 and resp.json["created_at"] == old[1]["created_at"]
@@ -356,21 +362,26 @@ class TestMigration:
         def audit(client, request_id):
             return [(w["test_id"], w["version"], w["action"]) for w in client.simulate_get(f"/audit/{request_id}").json]
 
-        with monkeypatch.context() as schema_5:
-            # Today's code on a schema-5 file: its writes differ from schema 5's code only in
-            # counting hourly_ingest (twice here), which this test does not look at.
-            schema_5.setattr(store_module, "MIGRATIONS", {v: m for v, m in store_module.MIGRATIONS.items() if v <= 5})
-            old = falcon.testing.TestClient(create_app(settings, clock=clock))
-            a1 = post(old, {**record, "test_id": "A"}, {"X-Request-ID": "req-a"}).json
-            b1 = post(old, {**record, "test_id": "B"}, {"X-Request-ID": "req-b"}).json
-            b2 = put(old, "B", {**record, "test_id": "B", "result": 2}, '"1"', "req-b2").json
-            b3 = delete(old, "B", '"2"', "req-b3").json
-        conn = sqlite3.connect(settings.db_path, isolation_level=None)
+        # A schema-5 file as schema 5's code left it: its triggers copied every version into
+        # history when it was written (records_keep_created, records_keep_changed).
+        conn = database_at(settings.db_path, 5)
+        a1 = json.loads(insert_as_schema(5, conn, {**record, "test_id": "A"}, "req-a", "2025-06-01T12:00:00.123Z"))
+        b1 = json.loads(insert_as_schema(5, conn, {**record, "test_id": "B"}, "req-b", "2025-06-01T12:00:00.123Z"))
+        versions = [b1]
+        for version, request_id, change in ((2, "req-b2", {"result": 2}), (3, "req-b3", {"status": "entered-in-error"})):
+            fields = {k: v for k, v in versions[-1].items()
+                      if k not in ("created_at", "updated_at", "version", "request_id")}
+            doc = json.loads(stored_doc({**fields, **change}, created_at=b1["created_at"],
+                                        updated_at="2025-06-01T12:00:01.123Z", version=version, request_id=request_id))
+            conn.execute("UPDATE records SET version = ?, status = ?, updated_at = ?, request_id = ?, doc = ?"
+                         " WHERE test_id = 'B'", (version, doc["status"], doc["updated_at"], request_id, json.dumps(doc)))
+            versions.append(doc)
+        b2, b3 = versions[1:]
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
         assert conn.execute("SELECT count(*) FROM record_versions").fetchone()[0] == 4
 
         client = falcon.testing.TestClient(create_app(settings, clock=clock))
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations.SCHEMA_VERSION
         assert history(client, "A") == [a1]
         assert history(client, "B") == [b1, b2, b3]
         assert [audit(client, r) for r in ("req-a", "req-b", "req-b2", "req-b3")] == [

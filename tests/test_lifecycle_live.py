@@ -67,7 +67,7 @@ def test_a_write_is_followed_from_the_logs_to_the_database_and_back(start_server
     audit = server.request("GET", f"/audit/{request_id}")
     assert audit.status == 200
     assert audit.json() == [{"test_id": "traced-1", "version": 2, "action": "correct",
-                             "at": corrected.json()["updated_at"]}]
+                             "at": corrected.json()["updated_at"], "clinic_id": "C001", "key_id": None}]
     assert corrected.json()["request_id"] == request_id
 
     # Database -> logs: the record's first version names the request that created it ...

@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl, urlsplit
 import falcon.testing
 import pytest
 
-from records_service import store as store_module
+from records_service.store.sqlite import counters, migrations, records
 from records_service.app import create_app
 from records_service.seed import seed_rows
 from tests.test_api import assert_problem
@@ -245,18 +245,19 @@ def _plans(conn, combo) -> list[tuple[str, list[str]]]:
     filters = {"clinic_id": "C0001", **{name: OPTIONAL[name] for name in combo}}
     plans = []
     for after_seq, limit in ((0, 101), (123, 1001), (0, None)):  # first page, later page, export
-        sql, params = store_module.select_records(filters, after_seq, limit)
+        sql, params = records.select_records(filters, after_seq, limit)
         plans.append((sql, [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]))
     return plans
 
 
 def _assert_indexed(conn, combo) -> None:
-    # One index search that yields rows in seq order: no table scan, no sort of what matched. A
-    # clinic's pages come from the index alone (it carries doc); a patient's through its own index.
+    # One search that yields rows in seq order: no table scan, no sort of what matched. A clinic's
+    # pages come from its range of the table (clustered by clinic and seq); a patient's through
+    # its own index.
     if "patient_id" in combo:
         expected = "SEARCH records USING INDEX records_by_patient (clinic_id=? AND patient_id=? AND seq>?)"
     else:
-        expected = "SEARCH records USING COVERING INDEX records_by_clinic (clinic_id=? AND seq>?)"
+        expected = "SEARCH records USING PRIMARY KEY (clinic_id=? AND seq>?)"
     for sql, plan in _plans(conn, combo):
         assert plan == [expected], (sql, plan)
 
@@ -264,24 +265,31 @@ def _assert_indexed(conn, combo) -> None:
 @pytest.mark.parametrize("combo", COMBINATIONS, ids=lambda c: "+".join(c) or "clinic only")
 def test_every_filter_combination_is_an_index_search_in_seq_order(tmp_path, combo):
     conn = sqlite3.connect(tmp_path / "plan.db", isolation_level=None)
-    store_module.migrate(conn)
+    migrations.migrate(conn)
     _assert_indexed(conn, combo)
 
 
 def test_plans_hold_once_the_planner_has_statistics_of_a_skewed_database(tmp_path):
     conn = sqlite3.connect(tmp_path / "plan.db", isolation_level=None)
-    store_module.migrate(conn)
+    migrations.migrate(conn)
     rows = seed_rows(20_000, 20, datetime(2025, 6, 1, tzinfo=timezone.utc), rng_seed=1)
     conn.execute("BEGIN")
-    store_module._insert_rows(conn, rows)
+    records.insert_rows(conn, list(rows), None)
+    counters.fold(conn)
     conn.execute("COMMIT")
     conn.execute("ANALYZE")
     for combo in COMBINATIONS:
         _assert_indexed(conn, combo)
 
 
-def test_stats_read_a_clinics_counts_by_primary_key(tmp_path):
+def test_stats_read_a_clinics_counts_and_tail_by_primary_key(tmp_path):
     conn = sqlite3.connect(tmp_path / "plan.db", isolation_level=None)
-    store_module.migrate(conn)
-    plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + store_module._STATS_SQL, ("C1",))]
-    assert plan == ["SEARCH clinic_counts USING PRIMARY KEY (clinic_id=?)"]
+    migrations.migrate(conn)
+    plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + counters._STATS_SQL, ("C1",))]
+    assert [step for step in plan if step.startswith(("SEARCH", "SCAN"))] == [
+        "SEARCH clinic_counts USING PRIMARY KEY (clinic_id=?)",
+        "SEARCH records USING PRIMARY KEY (clinic_id=? AND seq>?)",
+        "SEARCH clinic_marks USING PRIMARY KEY (clinic_id=?)"], plan
+    plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + counters._TIMES_SQL, ("C1",))]
+    assert [step for step in plan if step.startswith(("SEARCH", "SCAN")) and step != "SCAN CONSTANT ROW"] == [
+        "SEARCH clinic_times USING PRIMARY KEY (clinic_id=?)"] * 2, plan

@@ -14,7 +14,7 @@ from html.parser import HTMLParser
 import falcon.testing
 import pytest
 
-from records_service import dashboard
+from records_service import __version__, dashboard
 from records_service.store.sqlite.migrations import SCHEMA_VERSION
 from records_service.app import create_app
 from records_service.config import Settings
@@ -50,7 +50,8 @@ def bars(page: str) -> dict[str, int]:
 def test_ready_reports_the_database_state(client):
     resp = client.simulate_get("/ready")
     assert resp.status_code == 200
-    assert resp.json == {"status": "ready", "engine": "sqlite", "journal_mode": "wal", "schema_version": SCHEMA_VERSION}
+    assert resp.json == {"status": "ready", "version": __version__, "engine": "sqlite", "journal_mode": "wal",
+                         "schema_version": SCHEMA_VERSION}
 
 
 def assert_not_ready(resp, reason: str) -> None:

@@ -14,7 +14,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from records_service import store as store_module
+from records_service.store import prepare
+from records_service.store.sqlite.migrations import SCHEMA_VERSION
 from records_service.__main__ import main
 from records_service.seed import ProgressBar, clinic_ids, seed_rows
 from records_service.validate import client_fields, validate_record
@@ -23,13 +24,13 @@ from tests.live import REPO, on_a_terminal
 NOW = datetime(2025, 6, 1, 12, 0, 0, 987654, tzinfo=timezone.utc)
 
 
-def test_every_seeded_row_is_what_store_row_makes_of_its_record():
+def test_every_seeded_row_is_what_store_prepare_makes_of_its_record():
     for row in seed_rows(5_000, 7, NOW, rng_seed=3, run="abc123"):
         stored = json.loads(row[-1])
         record, errors = validate_record(client_fields(stored), NOW)
         assert errors == [] and record == client_fields(stored)
         # Same columns, same JSON text (key order, separators, number forms) as a POST would store.
-        assert store_module._row(record, stored["request_id"], stored["created_at"]) == row
+        assert prepare(record, stored["request_id"], stored["created_at"]) == row
 
 
 def test_seeded_records_look_like_a_clinic_network():
@@ -63,7 +64,7 @@ def test_the_seed_command_adds_records_through_migrations(tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert "seeded 1,200 records over 3 clinics" in out and "records/s" in out
     conn = sqlite3.connect(db)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert conn.execute("SELECT count(*), count(DISTINCT clinic_id) FROM records").fetchone() == (1500, 3)
 
 

@@ -4,7 +4,7 @@ its failures reach the rest of the service as the domain errors of `errors`."""
 
 from __future__ import annotations
 
-from .base import NewRow, Store, Stored, prepare
+from .base import NewRow, Store, Stored, prepare, stored_doc
 from .errors import (AlreadyVoided, DuplicateRecord, StoreBusy, StoreCorrupt, StoreError, StoreFull,
                      StoreReadOnly, StoreUnavailable, VersionMismatch)
 
@@ -19,4 +19,5 @@ def open_store(settings, *, writers: int | None = None) -> Store:
 
 
 __all__ = ["AlreadyVoided", "DuplicateRecord", "NewRow", "Store", "StoreBusy", "StoreCorrupt", "StoreError",
-           "StoreFull", "StoreReadOnly", "StoreUnavailable", "Stored", "VersionMismatch", "open_store", "prepare"]
+           "StoreFull", "StoreReadOnly", "StoreUnavailable", "Stored", "VersionMismatch", "open_store", "prepare",
+           "stored_doc"]
