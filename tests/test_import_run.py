@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -307,6 +308,37 @@ def test_a_run_killed_with_kill_9_resumes_at_the_first_page_not_committed(env, s
     summary = json.loads(done.stdout.splitlines()[-1])
     assert (summary["pages"], summary["created"], summary["fetched"]) == (6, 60, 60)
     assert store.count() == 60
+
+
+def test_runs_killed_at_random_moments_store_every_item_once_and_never_ask_for_a_committed_page_again(env, store):
+    rng = random.Random(7)
+    pages = rest_link_pages(items(4000), 100)
+    # 40 pages, each answered after 30 ms: three runs of at most 0.4 s each cannot finish them.
+    with Upstream(lambda seen: Reply(**{**vars(pages(seen)), "hang_s": 0.03})) as upstream:
+        source = write_source(env, source_toml(upstream.url("/results")))
+        command = [sys.executable, "-m", "records_service", "import", source]
+        cli_env = {**os.environ, "PYTHONPATH": str(REPO)}
+        for _ in range(3):
+            progress = store.import_progress("lab-a")
+            committed = progress["pages"] if progress else 0
+            asked = len(upstream.requests)
+            proc = subprocess.Popen(command, cwd=env, env=cli_env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            while len(upstream.requests) == asked and proc.poll() is None:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.05, 0.4))  # somewhere in a page's fetch, mapping or transaction
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            if len(upstream.requests) > asked:
+                assert pages_asked(upstream, asked)[0] == committed + 1
+        progress = store.import_progress("lab-a")
+        asked = len(upstream.requests)
+        done = subprocess.run(command, cwd=env, env=cli_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert pages_asked(upstream, asked)[0] == progress["pages"] + 1
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert (summary["pages"], summary["fetched"], summary["created"], summary["complete"]) == (40, 4000, 4000, True)
+    assert store.count() == 4000 and len(store.audit(summary["request_id"])) == 4000
 
 
 def test_a_graphql_connection_is_imported_and_errors_fail_the_page(env, store, capsys):
