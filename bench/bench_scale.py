@@ -49,7 +49,8 @@ from urllib.parse import quote
 from common import (BENCH_DIR, ROOT, BenchError, Run, Server, add_with_sql_argument, clean_env, free_port,
                     gunicorn_argv, load_arguments, log, measure, noisy_warning, parse_load_arguments, profile_summary,
                     py_spy, py_spy_done, run_benchmark, server_settings, summarise, with_sql, wrk_once)
-from records_service import seed, store  # common put the repository on sys.path
+from records_service import seed  # common put the repository on sys.path
+from records_service.store.sqlite import records as store
 
 BARE_APP = "bare_scale_app:create_app()"
 PAGE_FILTERS = ("none", "patient_id", "test_type", "status", "collected")

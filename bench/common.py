@@ -568,7 +568,7 @@ def _frame_file(frame: str) -> str:
 def _module_group(frame: str) -> str:
     path = _frame_file(frame)
     if path.startswith("records_service/"):
-        return path if path != "records_service/store.py" else "records_service/store.py (incl. sqlite3 C calls)"
+        return path if not path.startswith("records_service/store/") else f"{path} (incl. sqlite3 C calls)"
     for lib in ("falcon", "gunicorn"):
         if f"{lib}/" in path:
             return lib

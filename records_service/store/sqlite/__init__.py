@@ -28,10 +28,12 @@ log = logging.getLogger("records_service.store")
 FOLD_EVERY_S = 1.0
 FOLD_EVERY_RECORDS = 2000
 # How many of a process's threads may wait for the writers' turn at once. Past it a write is
-# refused at once (503, Retry-After) instead of holding a thread that reads need: with another
-# writer holding the database, waiting writes would otherwise take every thread (issue 17).
-# Waiting for a slot a little smooths bursts; it never comes near the busy bound.
-WRITE_SLOT_WAIT_S = 0.1
+# refused (503, Retry-After) instead of holding a thread that reads need: with another writer
+# holding the database, waiting writes would otherwise take every thread (issue 17). While
+# slots keep being given back (writes are flowing) a write waits up to WRITE_SLOT_WAIT_S for
+# one; once none has been given back for WRITES_STUCK_S, it is refused at once.
+WRITE_SLOT_WAIT_S = 0.25
+WRITES_STUCK_S = 0.25
 
 
 class SQLiteStore:
@@ -43,6 +45,7 @@ class SQLiteStore:
         self._db = Database(path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)
         self._busy_timeout_ms = busy_timeout_ms
         self._slots = threading.BoundedSemaphore(writers) if writers else None
+        self._slot_given_back = time.monotonic()
         self._touched: set[str] = set()
         self._touched_records = 0
         self._touched_lock = threading.Lock()
@@ -84,13 +87,16 @@ class SQLiteStore:
     def _write(self, work):
         if self._slots is None:
             return self._db.write(work)
-        if not self._slots.acquire(timeout=WRITE_SLOT_WAIT_S):
-            log.warning("too many writes waiting for the database in this process; write refused")
-            raise StoreBusy("too many writes are waiting for the database")
+        if not self._slots.acquire(blocking=False):
+            flowing = time.monotonic() - self._slot_given_back < WRITES_STUCK_S
+            if not (flowing and self._slots.acquire(timeout=WRITE_SLOT_WAIT_S)):
+                log.warning("too many writes waiting for the database in this process; write refused")
+                raise StoreBusy("too many writes are waiting for the database")
         try:
             return self._db.write(work)
         finally:
             self._slots.release()
+            self._slot_given_back = time.monotonic()
 
     def _wrote(self, clinics: Iterable[str], count: int) -> None:
         """Note where records went; fold those clinics' tails when one is due (outside the caller's write)."""

@@ -155,7 +155,13 @@ class Database:
     def _open_writer_lock(self) -> int:
         lock_path = self.path + "-writer"
         try:
-            return os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                return os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:
+                if exc.errno not in (errno.EROFS, errno.EACCES):
+                    raise
+                # A database that cannot be written can still be read: flock needs no write access.
+                return os.open(lock_path, os.O_RDONLY)
         except OSError as exc:
             error = StoreReadOnly if exc.errno == errno.EROFS else StoreUnavailable
             raise error(f"cannot open the writers' lock file {lock_path}: {exc.strerror}") from exc

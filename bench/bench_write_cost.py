@@ -1,0 +1,119 @@
+"""What one write costs the service's own SQLite store, in figures noise cannot move (issue 14, items 3-4).
+
+    .venv/bin/python bench/bench_write_cost.py [--records 1000000] [--clinics 500] [--tmpdir DIR]
+
+Seeds --records records over --clinics clinics through `SQLiteStore.bulk_insert` (what `seed`
+runs), then prints:
+- bytes on disk per record (the database file after a full checkpoint, and the WAL);
+- WAL frames per insert amortised over 1,000 single-record inserts (`SQLiteStore.insert`, what
+  POST /tests calls) into random clinics, with the counters' folds they cause (every second).
+  These come first: a seed packs every page full, so the first insert into each clinic splits
+  its last leaf (3 more frames), which steady ingest does once in ~8 inserts;
+- then WAL frames of single-record inserts, each measured alone after a TRUNCATE checkpoint
+  (folds off): median, mean and max of 200 into random clinics;
+- the in-process time of correcting the record holding the largest clinic's earliest
+  collected_at (median of 20), and its SQLite VM steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sqlite3
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from common import log, log_command  # common puts the repository on sys.path
+from records_service.seed import clinic_ids, seed_rows
+from records_service.store.sqlite import SQLiteStore
+import records_service.store.sqlite as sqlite_engine
+
+
+def wal_frames(path: Path, page_size: int) -> int:
+    return max(0, (os.path.getsize(f"{path}-wal") - 32) // (page_size + 24))
+
+
+def record(test_id: str, clinic_id: str, collected_at: str = "2025-05-01T10:00:00Z") -> dict:
+    return {"test_id": test_id, "clinic_id": clinic_id, "patient_id": "P-bench", "test_type": "HbA1c", "result": 5.4,
+            "unit": "%", "status": "final", "collected_at": collected_at, "notes": None}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--records", type=int, default=1_000_000)
+    p.add_argument("--clinics", type=int, default=500)
+    p.add_argument("--tmpdir", default=None)
+    p.add_argument("--page-size", type=int, default=None, help="make the database with this page size first")
+    args = p.parse_args()
+    log_command()
+    with tempfile.TemporaryDirectory(prefix="records-write-cost-", dir=args.tmpdir) as tmp:
+        path = Path(tmp) / "records.db"
+        if args.page_size:
+            first = sqlite3.connect(path)
+            first.execute(f"PRAGMA page_size = {args.page_size}")
+            first.execute("PRAGMA journal_mode = WAL")  # writes the header: the page size is now the file's
+            first.close()
+        store = SQLiteStore(str(path))
+        started = time.perf_counter()
+        for _ in store.bulk_insert(seed_rows(args.records, args.clinics, datetime.now(timezone.utc), rng_seed=1)):
+            pass
+        log(f"seeded {args.records:,} records over {args.clinics} clinics in {time.perf_counter() - started:.1f} s")
+        conn = store._db.connection()
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        size = os.path.getsize(path)
+        log(f"bytes on disk per record: {size / args.records:,.0f} ({size:,} bytes, page size {page_size})")
+
+        rng = random.Random(2)
+        clinics = clinic_ids(args.clinics)
+        sqlite_engine.FOLD_EVERY_S = 1.0
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        total = 0
+        for n in range(1000):
+            before = os.path.getsize(f"{path}-wal")
+            store.insert(record(f"bench-many-{n}", rng.choice(clinics)), request_id=f"bench-m{n}",
+                         now="2025-06-01T00:00:00.000Z")
+            total += (os.path.getsize(f"{path}-wal") - before) // (page_size + 24)
+            if os.path.getsize(f"{path}-wal") > 64 << 20:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        log(f"WAL frames per insert, amortised with the counters' folds over 1,000 inserts: {total / 1000:.2f}"
+            " (appended frames; a WAL restart after a checkpoint rewrites from the start and is not counted)")
+
+        sqlite_engine.FOLD_EVERY_S = float("inf")  # each insert alone: folds are measured below
+        frames = []
+        for n in range(200):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            store.insert(record(f"bench-one-{n}", rng.choice(clinics)), request_id=f"bench-{n}",
+                         now="2025-06-01T00:00:00.000Z")
+            frames.append(wal_frames(path, page_size))
+        log(f"WAL frames of one single-record insert: median {statistics.median(frames)}, "
+            f"mean {statistics.mean(frames):.2f}, max {max(frames)} (200 inserts)")
+
+        biggest = clinics[0]
+        times, steps = [], []
+        for n in range(20):
+            test_id = f"bench-earliest-{n}"
+            store.insert(record(test_id, biggest, "1990-01-01T00:00:00Z"), request_id="bench-e",
+                         now="2025-06-01T00:00:00.000Z")
+            store.migrate()  # fold it in: the correction then moves a counted record
+            count = [0]
+            conn.set_progress_handler(lambda: count.__setitem__(0, count[0] + 1), 1)
+            started = time.perf_counter()
+            store.correct(record(test_id, biggest, "2025-05-02T00:00:00Z"), expected=frozenset({1}),
+                          request_id="bench-fix", now="2025-06-01T00:00:01.000Z")
+            times.append((time.perf_counter() - started) * 1000)
+            conn.set_progress_handler(None, 1)
+            steps.append(count[0])
+        in_clinic = store.clinic_stats(biggest)["total"]
+        log(f"correcting the earliest record of a clinic of {in_clinic:,} records: median "
+            f"{statistics.median(times):.2f} ms in-process, {statistics.median(steps):,} SQLite VM steps")
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
