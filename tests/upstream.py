@@ -25,6 +25,7 @@ class Seen:
     path: str           # with its query
     headers: dict       # names lower-cased
     body: bytes
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
     @property
     def query(self) -> dict[str, str]:
