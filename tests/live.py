@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import pty
 import re
 import select
 import shutil
@@ -60,6 +61,27 @@ def run_cli(db_path: Path, *args: str, timeout: float = 60) -> subprocess.Comple
     env.update(RECORDS_DB_PATH=str(db_path), PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "records_service", *args], cwd=Path(db_path).parent, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def on_a_terminal(run: Callable[[int], subprocess.CompletedProcess]) -> tuple[subprocess.CompletedProcess, bytes]:
+    """Call `run` with the descriptor of a pseudo-terminal to write to (a command's standard error):
+    what it returned, and everything the terminal was shown."""
+    master, slave = pty.openpty()
+    try:
+        done = run(slave)
+        os.close(slave)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the pty is drained once its other side is closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+    return done, shown
 
 
 @dataclass
