@@ -28,6 +28,14 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def answering_head(resource):
+    """The resource, its GET responder also answering HEAD (RFC 9110 9.3.2): the same status and
+    headers, and Falcon leaves the body out. A responder that streams checks `req.method` itself."""
+    if hasattr(resource, "on_get") and not hasattr(resource, "on_head"):
+        resource.on_head = resource.on_get
+    return resource
+
+
 def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime] = utc_now,
                shared: Runtime | None = None, writers: int | None = None) -> falcon.App:
     """Build the WSGI app. Without `settings`, they are read from the environment of this process
@@ -53,16 +61,20 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
     app = falcon.App(middleware=[RequestContext(), BodyTimeout(settings.body_timeout_ms), authenticate,
                                  FailureRecorder(shared.failures, clock)])
     errors.install(app)
-    app.add_route("/", Dashboard(store, shared, clock))
-    app.add_route("/health", Health())
-    app.add_route("/ready", Ready(store))
-    app.add_route("/openapi.json", OpenAPIDocument())
-    app.add_route("/tests", TestsCollection(store, clock, settings.max_body_bytes))
-    app.add_route("/tests/_batch", Batch(store, clock, settings.max_batch_bytes))
-    app.add_route("/tests/_export", Export(store))
-    app.add_route("/tests/_stats", Stats(store))
-    app.add_route("/tests/{test_id}", Record(store, clock, settings.max_body_bytes))
-    app.add_route("/tests/{test_id}/history", History(store))
-    app.add_route("/audit/{request_id}", Audit(store))
+    routes = {
+        "/": Dashboard(store, shared, clock),
+        "/health": Health(),
+        "/ready": Ready(store),
+        "/openapi.json": OpenAPIDocument(),
+        "/tests": TestsCollection(store, clock, settings.max_body_bytes),
+        "/tests/_batch": Batch(store, clock, settings.max_batch_bytes),
+        "/tests/_export": Export(store),
+        "/tests/_stats": Stats(store),
+        "/tests/{test_id}": Record(store, clock, settings.max_body_bytes),
+        "/tests/{test_id}/history": History(store),
+        "/audit/{request_id}": Audit(store),
+    }
+    for path, resource in routes.items():
+        app.add_route(path, answering_head(resource))
     authenticate.learn_routes(app)  # after the last add_route
     return app

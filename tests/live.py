@@ -5,11 +5,13 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import pty
 import re
 import select
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -59,6 +61,27 @@ def run_cli(db_path: Path, *args: str, timeout: float = 60) -> subprocess.Comple
     env.update(RECORDS_DB_PATH=str(db_path), PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "records_service", *args], cwd=Path(db_path).parent, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def on_a_terminal(run: Callable[[int], subprocess.CompletedProcess]) -> tuple[subprocess.CompletedProcess, bytes]:
+    """Call `run` with the descriptor of a pseudo-terminal to write to (a command's standard error):
+    what it returned, and everything the terminal was shown."""
+    master, slave = pty.openpty()
+    try:
+        done = run(slave)
+        os.close(slave)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the pty is drained once its other side is closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+    return done, shown
 
 
 @dataclass
@@ -187,6 +210,70 @@ class Server:
                     break
                 time.sleep(0.01)
         self._log.close()
+
+
+def damage_pages_holding(db_path: Path, marker: bytes) -> int:
+    """Overwrite every page of a closed SQLite file that holds `marker` with 0xFF bytes, as a
+    failing disk would: reading those pages is then a real SQLITE_CORRUPT ("database disk image
+    is malformed"), and every other page reads as before. Returns how many pages were hit."""
+    conn = sqlite3.connect(db_path)
+    try:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    finally:
+        conn.close()
+    data = bytearray(Path(db_path).read_bytes())
+    pages = set()
+    at = data.find(marker)
+    while at >= 0:
+        pages.add(at // page_size)
+        at = data.find(marker, at + 1)
+    for page in pages:
+        data[page * page_size:(page + 1) * page_size] = b"\xff" * page_size
+    Path(db_path).write_bytes(bytes(data))
+    return len(pages)
+
+
+def anon_kib(pid: int) -> int:
+    """A process's anonymous memory now (Pss_Anon, else Anonymous, of /proc/PID/smaps_rollup), in KiB:
+    what its heap costs, unlike VmHWM, which a peak long past keeps high."""
+    fields = {}
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            name, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                fields[name] = int(rest.split()[0])
+    return fields.get("Pss_Anon", fields.get("Anonymous", 0))
+
+
+class AnonPeak:
+    """The peak anonymous memory of a process during a block, sampled every few milliseconds:
+    `base` before, `peak` the largest seen (a process that dies stops the sampling)."""
+
+    def __init__(self, pid: int, every_s: float = 0.005) -> None:
+        self.pid, self._every_s = pid, every_s
+        self.base = self.peak = anon_kib(pid)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            try:
+                self.peak = max(self.peak, anon_kib(self.pid))
+            except OSError:
+                return
+            time.sleep(self._every_s)
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak - self.base) / 1024
+
+    def __enter__(self) -> "AnonPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 class Writers:

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 from ..base import Stored, prepare
 from ..errors import DuplicateRecord, StoreBusy, StoreFull, VersionMismatch, AlreadyVoided
-from . import counters, keys, maintenance, records
+from . import counters, imports, keys, maintenance, records
 from .connection import MIN_FREE_BYTES, Database, file_size
 from .migrations import SCHEMA_VERSION, migrate
 
@@ -158,15 +158,21 @@ class SQLiteStore:
             lambda conn: records.existing(conn, test_ids)).items()}
 
     def bulk_insert(self, rows: Iterable[tuple], chunk_rows: int = 50_000) -> Iterator[int]:
-        """Insert NewRow-shaped rows in transactions of `chunk_rows`, yielding the running count after
-        each commit, then count them in (seed)."""
-        rows = iter(rows)
-        total = 0
+        """Insert NewRow-shaped rows, yielding the running count as it goes, then count them in (seed).
+
+        Into an empty database the rows are staged, then loaded in key order with the secondary
+        indexes built afterwards (`records.load_in_key_order`); into one that holds records,
+        they go in transactions of `chunk_rows` like any batch."""
         conn = self._db.connection()
         # For the load only: a cache that holds the indexes being extended (the default 2 MiB
         # re-reads them from the OS for every row).
         conn.execute("PRAGMA cache_size = -262144")
         try:
+            if not self._db.read("SELECT 1 FROM records LIMIT 1"):
+                yield from records.load_in_key_order(self._db, rows, chunk_rows)
+                return
+            rows = iter(rows)
+            total = 0
             while chunk := list(islice(rows, chunk_rows)):
                 self._write(lambda conn: records.insert_rows(conn, chunk, None))
                 total += len(chunk)
@@ -231,6 +237,24 @@ class SQLiteStore:
                 "journal_mode": self._db.read("PRAGMA journal_mode")[0][0],
                 "database_bytes": file_size(self.path),
                 "wal_bytes": file_size(self.path + "-wal")}
+
+    # -- imports from upstream APIs --------------------------------------------------------
+
+    def import_progress(self, source: str) -> dict | None:
+        return imports.progress(self._db, source)
+
+    def import_runs(self) -> list[dict]:
+        return imports.runs(self._db)
+
+    def import_page(self, source: str, items: list[tuple[int, dict]], position: dict, *, request_id: str,
+                    key_id: str, now: str) -> dict:
+        state, outcomes, clinics, created = self._write(lambda conn: imports.store_page(
+            conn, source, items, position, request_id=request_id, key_id=key_id, now=now))
+        log.info("committed", extra={"page": position["page"], "records_created": created,
+                                     "updated": sum(1 for o in outcomes if o["outcome"] == "updated"),
+                                     "unchanged": sum(1 for o in outcomes if o["outcome"] == "unchanged")})
+        self._wrote(clinics, created)
+        return state
 
     # -- API keys --------------------------------------------------------------------------
 

@@ -39,6 +39,11 @@ CHECKPOINT_EVERY_S = 1.0
 WRITER_PAUSE_FIRST_S = 0.00005
 WRITER_PAUSE_MAX_S = 0.001
 
+# Reads through a memory map of the file instead of read() calls into each connection's cache:
+# pages read 20-44% faster (bench/bench_layouts.py, 1,000,000 records). The mapped pages are the
+# page cache every process shares, not a worker's own memory (tests measure anonymous memory).
+MMAP_BYTES = 1 << 30
+
 # Below this much free space on the database's file system, /ready says not ready: a small
 # probe write can still land in WAL space already allocated while real writes fail.
 MIN_FREE_BYTES = 1 << 20
@@ -124,6 +129,7 @@ class Database:
                 self._switch_to_wal(conn)
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             conn.execute("PRAGMA wal_autocheckpoint = 0")  # see CHECKPOINT_EVERY_COMMITS
+            conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
             if not self._migrated:
                 migrate(conn)
                 self._migrated = True
@@ -163,6 +169,11 @@ class Database:
                 # A database that cannot be written can still be read: flock needs no write access.
                 return os.open(lock_path, os.O_RDONLY)
         except OSError as exc:
+            directory = os.path.dirname(os.path.abspath(lock_path))
+            if exc.errno == errno.ENOENT and not os.path.isdir(directory):
+                raise StoreUnavailable(f"the database's directory {directory} does not exist (the database is"
+                                       f" {self.path}): create it, or set RECORDS_DB_PATH to a file in a directory"
+                                       " that exists") from exc
             error = StoreReadOnly if exc.errno == errno.EROFS else StoreUnavailable
             raise error(f"cannot open the writers' lock file {lock_path}: {exc.strerror}") from exc
 

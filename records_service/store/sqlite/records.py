@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from itertools import islice
 from typing import Callable, Iterable, Iterator
 
 from ...validate import VOIDED_STATUS, client_fields, timestamp_sort_key
@@ -17,6 +18,7 @@ from ..base import Stored, stored_doc
 from ..errors import AlreadyVoided, DuplicateRecord, VersionMismatch
 from . import counters
 from .connection import Database, translate
+from .migrations import schema_statements
 
 _INSERT_SQL = (
     "INSERT INTO records (clinic_id, seq, test_id, patient_id, test_type, status, collected_at, version,"
@@ -192,3 +194,53 @@ def export_docs(db: Database, filters: dict[str, str], chunk_rows: int) -> Itera
     return chunks()
 
 
+
+
+_SECONDARY_INDEXES = ("records_by_test_id", "records_by_patient", "records_by_request")
+
+
+def load_in_key_order(db: Database, rows: Iterable[tuple], chunk_rows: int) -> Iterator[int]:
+    """Load NewRow-shaped rows into an empty records table, yielding the running count.
+
+    Rows arrive with their clinics interleaved; inserted as they come, each lands in the middle of
+    the clustered table and of three indexes. Here they are appended to a staging table of this
+    connection, then copied in one transaction in (clinic_id, seq) order with the secondary
+    indexes dropped and built afterwards from sorted runs (the same statements as schema.sql),
+    and counted in. A duplicate test_id fails building the unique index: nothing is stored.
+    """
+    conn = db.connection()
+    conn.execute("DROP TABLE IF EXISTS temp.staged")
+    conn.execute("CREATE TEMP TABLE staged (clinic_id, seq, test_id, patient_id, test_type, status, collected_at,"
+                 " request_id, doc)")
+    try:
+        base, total = time.time_ns() // 1000, 0
+        rows = iter(rows)
+        while chunk := list(islice(rows, chunk_rows)):
+            conn.execute("BEGIN")
+            conn.executemany("INSERT INTO temp.staged VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             [(r[1], base + total + n, r[0], r[2], r[3], r[4], r[5], r[7], r[8])
+                              for n, r in enumerate(chunk)])
+            conn.execute("COMMIT")
+            total += len(chunk)
+            yield total
+
+        def load(conn: sqlite3.Connection) -> None:
+            if conn.execute("SELECT 1 FROM records LIMIT 1").fetchone():
+                raise ValueError("records arrived while loading into an empty database; load again")
+            for name in _SECONDARY_INDEXES:
+                conn.execute(f"DROP INDEX {name}")
+            conn.execute("INSERT INTO records (clinic_id, seq, test_id, patient_id, test_type, status, collected_at,"
+                         " version, request_id, key_id, doc) SELECT clinic_id, seq, test_id, patient_id, test_type,"
+                         " status, collected_at, 1, request_id, NULL, doc FROM temp.staged ORDER BY clinic_id, seq")
+            for statement in schema_statements():
+                if any(f"INDEX {name} ON" in statement for name in _SECONDARY_INDEXES):
+                    conn.execute(statement)
+            conn.execute("INSERT OR IGNORE INTO clinic_marks (clinic_id, counted_seq)"
+                         " SELECT DISTINCT clinic_id, 0 FROM temp.staged")
+            counters.fold(conn)
+
+        db.write(load)
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.execute("DROP TABLE IF EXISTS temp.staged")
