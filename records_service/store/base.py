@@ -201,10 +201,14 @@ class EngineStore:
     _records: object
     _counters: object
     _keys: object
+    _imports: object
     _cursor_secret: bytes | None = None
 
     def _write(self, work):
         raise NotImplementedError
+
+    def _wrote(self, clinics: Iterable[str], count: int) -> None:
+        """Told after a commit where `count` new records went (SQLite folds its counters then)."""
 
     def correct(self, record: dict, *, expected: frozenset[int], request_id: str, key_id: str | None = None,
                 now: str) -> Stored:
@@ -253,6 +257,22 @@ class EngineStore:
 
     def count(self) -> int:
         return self._db.read("SELECT count(*) FROM records")[0][0]
+
+    def import_progress(self, source: str) -> dict | None:
+        return self._imports.progress(self._db, source)
+
+    def import_runs(self) -> list[dict]:
+        return self._imports.runs(self._db)
+
+    def import_page(self, source: str, items: list[tuple[int, dict]], position: dict, *, request_id: str,
+                    key_id: str, now: str) -> dict:
+        state, outcomes, clinics, created = self._write(lambda conn: self._imports.store_page(
+            conn, source, items, position, request_id=request_id, key_id=key_id, now=now))
+        log.info("committed", extra={"page": position["page"], "records_created": created,
+                                     "updated": sum(1 for o in outcomes if o["outcome"] == "updated"),
+                                     "unchanged": sum(1 for o in outcomes if o["outcome"] == "unchanged")})
+        self._wrote(clinics, created)
+        return state
 
     def create_key(self, **key) -> None:
         self._keys.create_key(self._db, **key)
@@ -319,6 +339,16 @@ class Store(Protocol):
     def cursor_secret(self) -> bytes: """The key that signs paging cursors, the same in every process."""
     def count(self) -> int: """How many records there are."""
     def dashboard_counts(self, since_hour: str, top_clinics: int) -> dict: """The dashboard's figures."""
+
+    # -- imports from upstream APIs (the rules: store/imports.py) ---------------------------
+    def import_progress(self, source: str) -> dict | None:
+        """Where a source stands (its current or last run: position, counts, failures, watermarks), or None."""
+    def import_runs(self) -> list[dict]: """Every source's progress, by name (the dashboard)."""
+    def import_page(self, source: str, items: list[tuple[int, dict]], position: dict, *, request_id: str,
+                    key_id: str, now: str) -> dict:
+        """In one transaction: store a page's validated (index, record)s as `imports.judge` says and
+        save the source's progress as `imports.advance` makes it; the progress. ImportConflict
+        when another run of the source committed meanwhile."""
 
     # -- API keys --------------------------------------------------------------------------
     def create_key(self, *, key_id: str, name: str, roles: list[str], clinics: list[str] | None,

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 from ..base import EngineStore, WriterSlots, prepare
 from ..errors import DuplicateRecord, StoreFull
-from . import counters, keys, maintenance, records
+from . import counters, imports, keys, maintenance, records
 from .connection import MIN_FREE_BYTES, Database, file_size
 from .migrations import SCHEMA_VERSION, migrate
 
@@ -31,7 +31,7 @@ FOLD_EVERY_RECORDS = 2000
 
 class SQLiteStore(EngineStore):
     engine = "sqlite"
-    _records, _counters, _keys = records, counters, keys
+    _records, _counters, _keys, _imports = records, counters, keys, imports
 
     def __init__(self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000,
                  writers: int | None = None) -> None:
@@ -172,7 +172,6 @@ class SQLiteStore(EngineStore):
                 "journal_mode": self._db.read("PRAGMA journal_mode")[0][0],
                 "database_bytes": file_size(self.path),
                 "wal_bytes": file_size(self.path + "-wal")}
-
 
     # -- whole database --------------------------------------------------------------------
 
