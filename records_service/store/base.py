@@ -210,6 +210,12 @@ class EngineStore:
     def _wrote(self, clinics: Iterable[str], count: int) -> None:
         """Told after a commit where `count` new records went (SQLite folds its counters then)."""
 
+    def open(self) -> None:
+        self._db.connection()
+
+    def close(self) -> None:
+        self._db.close()
+
     def correct(self, record: dict, *, expected: frozenset[int], request_id: str, key_id: str | None = None,
                 now: str) -> Stored:
         return self._revise(record["test_id"], expected, lambda current: record, "correct", request_id, key_id, now)
@@ -241,7 +247,8 @@ class EngineStore:
         return self._records.audit(self._db, request_id)
 
     def list_page(self, filters: dict[str, str], after_seq: int, limit: int) -> tuple[str, int, int | None]:
-        return self._records.list_page(self._db, filters, after_seq, limit)
+        sql, params = self._records.select_records(filters, after_seq, limit + 1)
+        return page_of(self._db.read(sql, params), limit)
 
     def export_docs(self, filters: dict[str, str], chunk_rows: int = 1000) -> Iterator[list[str]]:
         return self._records.export_docs(self._db, filters, chunk_rows)

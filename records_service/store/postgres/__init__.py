@@ -45,12 +45,6 @@ class PostgresStore(EngineStore):
 
     # -- life cycle ------------------------------------------------------------------------
 
-    def open(self) -> None:
-        self._db.connection()
-
-    def close(self) -> None:
-        self._db.close()
-
     def migrate(self) -> int:
         self._db.connection()  # opening migrates
         return SCHEMA_VERSION

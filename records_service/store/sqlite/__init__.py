@@ -46,12 +46,6 @@ class SQLiteStore(EngineStore):
 
     # -- life cycle ------------------------------------------------------------------------
 
-    def open(self) -> None:
-        self._db.connection()
-
-    def close(self) -> None:
-        self._db.close()
-
     def migrate(self) -> int:
         """Migrate, then count every clinic's tail (what a process killed before its fold left)."""
         self._db.connection()  # opening migrates
