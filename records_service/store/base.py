@@ -83,9 +83,9 @@ def action_of(version: int, status: str) -> str:
 
 class WriterSlots:
     """At most `writers` threads of this process inside a write at once (None: no bound). While
-    writes flow, a write waits up to `wait_s` for a slot; as soon as none has been given back for
-    `stuck_s`, it is refused (at once, or mid-wait), so waiting writes never keep the threads
-    reads need."""
+    writes flow, a write waits up to `wait_s` for a slot; once none has been given back for
+    `stuck_s`, it is refused (at once, or after waiting that long), so waiting writes never keep
+    the threads reads need."""
 
     def __init__(self, writers: int | None, wait_s: float = WRITE_SLOT_WAIT_S, stuck_s: float = WRITES_STUCK_S) -> None:
         self._slots = threading.BoundedSemaphore(writers) if writers else None
@@ -106,16 +106,21 @@ class WriterSlots:
             self._slot_given_back = time.monotonic()
 
     def _take(self) -> bool:
+        """A slot: at once; or, if writes are flowing, within `wait_s`, giving up once this write
+        has waited `stuck_s` and no slot was given back for as long."""
         if self._slots.acquire(blocking=False):
             return True
-        deadline = time.monotonic() + self._wait_s
+        arrived = time.monotonic()
+        if arrived - self._slot_given_back >= self._stuck_s:
+            return False
+        deadline = arrived + self._wait_s
         while True:
-            now = time.monotonic()
-            if now - self._slot_given_back >= self._stuck_s or now >= deadline:
-                return False
-            if self._slots.acquire(timeout=min(self._stuck_s / 5, deadline - now)):
+            if self._slots.acquire(timeout=max(0.0, min(self._stuck_s / 5, deadline - time.monotonic()))):
                 self._slot_given_back = time.monotonic()
                 return True
+            now = time.monotonic()
+            if now >= deadline or (now - arrived >= self._stuck_s and now - self._slot_given_back >= self._stuck_s):
+                return False
 
 
 # The filters a collection query may carry, each one condition on a column (`{p}`: the
