@@ -16,12 +16,13 @@ import time
 
 from . import __version__, keys
 from .app import utc_now
-from .config import ConfigError, Settings, load_dotenv_file, load_settings, unknown_variables
+from .config import (ConfigError, Settings, load_dotenv_file, load_settings, parse_database_url, redact_url,
+                     unknown_variables)
 from .imports.run import run_import
 from .imports.source import SourceError, load_source
 from .logs import logging_config
 from .seed import ProgressBar, seed_rows
-from .store import Store, StoreBusy, StoreError, open_store
+from .store import Store, StoreBusy, StoreError, copy_to_postgresql, open_store
 from .trace import entries_of, timeline
 from .validate import check_id, utc_millis
 
@@ -57,7 +58,8 @@ def run_trace(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_backup(args: argparse.Namespace, settings: Settings) -> int:
-    """Copy RECORDS_DB_PATH to DEST with SQLite's backup API, consistent while the service writes."""
+    """Copy RECORDS_DB_PATH to DEST with SQLite's backup API, consistent while the service writes
+    (on PostgreSQL: say, in one line, to use pg_dump)."""
     try:
         copied = _store(settings).backup(args.dest)
     except StoreBusy:
@@ -72,10 +74,13 @@ def run_backup(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_check(args: argparse.Namespace, settings: Settings) -> int:
-    """Integrity, schema version and dashboard counters of a database (RECORDS_DB_PATH or PATH)."""
-    path = args.path or settings.db_path
+    """Integrity, schema version and dashboard counters of a database (RECORDS_DB_PATH or PATH,
+    or RECORDS_DATABASE_URL's)."""
+    if args.path:
+        settings = dataclasses.replace(settings, db_path=args.path, database_url=None)
+    path = settings.database_name() if settings.database_url else settings.db_path
     try:
-        facts = _store(dataclasses.replace(settings, db_path=path)).check()
+        facts = _store(settings).check()
     except StoreBusy:
         print(f"records_service check: {path} stayed locked past the busy bound", file=sys.stderr)
         return 1
@@ -93,6 +98,34 @@ def run_check(args: argparse.Namespace, settings: Settings) -> int:
     for problem in problems:
         print(f"problem: {problem}")
     return 1 if problems else 0
+
+
+def run_copy(args: argparse.Namespace, settings: Settings) -> int:
+    """Copy the SQLite database (RECORDS_DB_PATH, or --from) into an empty PostgreSQL one."""
+    if args.source:
+        settings = dataclasses.replace(settings, db_path=args.source)
+    target = redact_url(args.to)
+    try:
+        copied = copy_to_postgresql(settings, args.to)
+    except StoreError as exc:
+        print(f"records_service copy: {exc}; nothing copied", file=sys.stderr)
+        return 1
+    print(f"copied {copied['records']} records, {copied['record_versions']} superseded versions and "
+          f"{copied['api_keys']} keys from {os.path.abspath(settings.db_path)} to {target}")
+    print(f"serve it with RECORDS_DATABASE_URL={target}")
+    return 0
+
+
+def _postgres_url(value: str) -> str:
+    try:
+        return parse_database_url("--to", value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _where(settings: Settings) -> str:
+    """The database, as an operator names it: the full path of the SQLite file, or the URL."""
+    return settings.database_name() if settings.database_url else os.path.abspath(settings.db_path)
 
 
 def _store(settings: Settings) -> Store:
@@ -129,7 +162,7 @@ def run_keys_create(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         print(f"records_service: {exc}", file=sys.stderr)
         return 2
-    print(f"created key {key_id} ({args.name}) in {os.path.abspath(settings.db_path)}")
+    print(f"created key {key_id} ({args.name}) in {_where(settings)}")
     print(f"  roles:   {', '.join(roles)}")
     print(f"  clinics: {_scope(clinics)}")
     print("The key follows, alone on the last line. It is shown only now and stored only as a hash:")
@@ -141,7 +174,7 @@ def run_keys_create(args: argparse.Namespace, settings: Settings) -> int:
 def run_keys_list(args: argparse.Namespace, settings: Settings) -> int:
     listed = _store(settings).list_keys()
     if not listed:
-        print(f"no keys in {os.path.abspath(settings.db_path)}; create one with: "
+        print(f"no keys in {_where(settings)}; create one with: "
               "python -m records_service keys create --role admin --all-clinics --name NAME")
         return 0
     rows = [("KEY_ID", "STATUS", "ROLES", "CLINICS", "CREATED", "NAME")]
@@ -156,7 +189,7 @@ def run_keys_list(args: argparse.Namespace, settings: Settings) -> int:
 def run_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     result = _store(settings).revoke_key(args.key_id, _now())
     if result is None:
-        print(f"records_service: no key {args.key_id!r} in {os.path.abspath(settings.db_path)} "
+        print(f"records_service: no key {args.key_id!r} in {_where(settings)} "
               "(see: python -m records_service keys list)", file=sys.stderr)
         return 1
     key, changed = result
@@ -207,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="verify integrity and schema version; non-zero exit on failure")
     check.add_argument("path", metavar="PATH", nargs="?", help="database to check (default: RECORDS_DB_PATH)")
     check.set_defaults(run=run_check)
+    copy = commands.add_parser("copy", help="copy the SQLite database into an empty PostgreSQL one",
+                               description="Copy every record, its history, the API keys and the cursor key of the "
+                                           "SQLite database (RECORDS_DB_PATH) into an empty PostgreSQL database, as of "
+                                           "one commit; counters are recounted there. The SQLite file is left as it was "
+                                           "(migrated to the current schema first).")
+    copy.add_argument("--to", required=True, type=_postgres_url, metavar="URL",
+                      help="the PostgreSQL database, postgresql://user@host/database")
+    copy.add_argument("--from", dest="source", metavar="PATH", help="the SQLite file (default: RECORDS_DB_PATH)")
+    copy.set_defaults(run=run_copy)
     seed = commands.add_parser("seed", help="fill the database with synthetic records, fast")
     seed.add_argument("--records", type=_at_least_1, required=True, help="how many records to add")
     seed.add_argument("--clinics", type=_at_least_1, default=500, help="spread over this many clinics (default 500)")
@@ -234,7 +276,7 @@ def run_seed(args: argparse.Namespace, settings: Settings) -> int:
         bar.close()
         store.close()
     elapsed = time.perf_counter() - started
-    print(f"seeded {args.records:,} records over {args.clinics:,} clinics into {settings.db_path} "
+    print(f"seeded {args.records:,} records over {args.clinics:,} clinics into {settings.database_name()} "
           f"in {elapsed:.1f}s ({args.records / elapsed:,.0f} records/s)")
     return 0
 
@@ -276,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args, settings)
     except StoreError as exc:
-        print(f"records_service: the database {settings.db_path} cannot be used now: {exc}", file=sys.stderr)
+        print(f"records_service: the database {settings.database_name()} cannot be used now: {exc}", file=sys.stderr)
         return 1
 
 

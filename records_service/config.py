@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 from typing import Callable, Mapping
 
 from dotenv import load_dotenv
@@ -28,6 +29,11 @@ class Settings:
     synchronous: str = "NORMAL"
     busy_timeout_ms: int = 5_000
     body_timeout_ms: int = 10_000
+    database_url: str | None = None  # PostgreSQL instead of the SQLite file at db_path
+
+    def database_name(self) -> str:
+        """Which database this is, fit for an operator's message: never a password."""
+        return redact_url(self.database_url) if self.database_url else self.db_path
 
 
 def _text(name: str, raw: str) -> str:
@@ -58,6 +64,29 @@ def _whole_number_of(unit: str) -> Callable[[str, str], int]:
     return parse
 
 
+def parse_database_url(name: str, raw: str) -> str:
+    value = raw.strip()
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("postgresql", "postgres") or not (parts.netloc or parts.query):
+        raise ConfigError(f"{name} must be a postgresql://user@host/database URL (got {redact_url(value)!r})")
+    return value
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password (if any) replaced by ***, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return "<unreadable URL>"
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _choice(*allowed: str) -> Callable[[str, str], str]:
     def parse(name: str, raw: str) -> str:
         value = raw.strip()
@@ -78,6 +107,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "RECORDS_SYNCHRONOUS": ("synchronous", _choice("NORMAL", "FULL")),
     "RECORDS_BUSY_TIMEOUT_MS": ("busy_timeout_ms", _whole_number_of("milliseconds")),
     "RECORDS_BODY_TIMEOUT_MS": ("body_timeout_ms", _whole_number_of("milliseconds")),
+    "RECORDS_DATABASE_URL": ("database_url", parse_database_url),
 }
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 
 import falcon.testing
@@ -7,7 +8,7 @@ import pytest
 
 from records_service.app import create_app
 from records_service.config import Settings
-from tests.live import Nginx, Server
+from tests.live import ExistingPostgres, Nginx, PostgresCluster, RawDatabase, Server
 
 
 class Clock:
@@ -25,9 +26,58 @@ def clock() -> Clock:
     return Clock(datetime(2025, 6, 1, 12, 0, 0, 123456, tzinfo=timezone.utc))
 
 
+ENGINES = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc):
+    """`@pytest.mark.both_engines` (on a test, class or module) runs each test that uses the
+    engine once per engine; tests of the module that touch no store run once."""
+    if metafunc.definition.get_closest_marker("both_engines") and "engine" in metafunc.fixturenames:
+        metafunc.parametrize("engine", ENGINES)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the tests: RECORDS_TEST_DATABASE_URL's, or a throwaway cluster
+    started now (and torn down after the session). Started only if a test needs it."""
+    url = os.environ.get("RECORDS_TEST_DATABASE_URL")
+    if url:
+        yield ExistingPostgres(url)
+        return
+    cluster = PostgresCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
 @pytest.fixture
-def settings(tmp_path) -> Settings:
-    return Settings(db_path=str(tmp_path / "records.db"), auth="disabled")
+def engine() -> str:
+    """The storage engine of the test: SQLite, unless the test is marked `both_engines` (or
+    parametrises `engine` itself); every fixture below follows it."""
+    return "sqlite"
+
+
+@pytest.fixture
+def database_url(engine, request) -> str | None:
+    """A new, empty PostgreSQL database for a PostgreSQL test; None on SQLite."""
+    if engine == "sqlite":
+        return None
+    return request.getfixturevalue("postgres").new_database()
+
+
+@pytest.fixture
+def settings(tmp_path, database_url) -> Settings:
+    return Settings(db_path=str(tmp_path / "records.db"), auth="disabled", database_url=database_url)
+
+
+@pytest.fixture
+def raw_db(settings, client):
+    """Plain SQL on the test's database (created by the app first), for tests of what the
+    database itself enforces."""
+    db = RawDatabase(settings.db_path, settings.database_url)
+    yield db
+    db.close()
 
 
 @pytest.fixture
@@ -45,13 +95,13 @@ def record() -> dict:
 
 
 @pytest.fixture
-def start_server(tmp_path):
-    """Start real gunicorn instances for a test; every one is stopped afterwards."""
+def start_server(tmp_path, database_url):
+    """Start real gunicorn instances for a test, on the test's engine; every one is stopped afterwards."""
     servers: list[Server] = []
 
     def start(workers: int = 3, db_path=None, **env) -> Server:
         server = Server(db_path=db_path or tmp_path / "records.db", log_path=tmp_path / f"gunicorn-{len(servers)}.log",
-                        workers=workers, env={k: str(v) for k, v in env.items()})
+                        workers=workers, env={k: str(v) for k, v in env.items()}, database_url=database_url)
         servers.append(server)
         return server.start()
 

@@ -32,6 +32,7 @@ def assert_problem(resp, status):
     return body
 
 
+@pytest.mark.both_engines
 def test_post_stores_and_returns_the_record(client, record, clock):
     resp = post(client, record, {"X-Request-ID": "req-1"})
     assert resp.status_code == 201
@@ -50,6 +51,7 @@ def test_optional_fields_come_back_null_and_status_defaults_to_final(client, rec
     assert (body["unit"], body["status"], body["notes"]) == (None, "final", None)
 
 
+@pytest.mark.both_engines
 def test_get_lists_the_clinics_records_oldest_first(client, record):
     for i in range(3):
         assert post(client, {**record, "test_id": f"T{i}"}).status_code == 201
@@ -77,6 +79,7 @@ def test_get_rejects_bad_parameters_naming_them(client, query, parameter):
     assert [e["field"] for e in body["errors"]] == [parameter]
 
 
+@pytest.mark.both_engines
 def test_a_retry_of_the_same_record_is_409_identical_and_changes_nothing(client, record):
     first = post(client, record).json
     # The same instant in another offset, and the default status left out: still the same record.
@@ -87,6 +90,7 @@ def test_a_retry_of_the_same_record_is_409_identical_and_changes_nothing(client,
     assert client.simulate_get("/tests", params={"clinic_id": "C001"}).json == [first]
 
 
+@pytest.mark.both_engines
 def test_a_different_record_with_a_taken_test_id_is_409_not_identical(client, record):
     first = post(client, record).json
     body = assert_problem(post(client, {**record, "result": 9.9}), 409)
@@ -190,6 +194,7 @@ def test_unsupported_methods_are_405_with_allow(client, method):
     assert set(resp.headers["allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
 
 
+@pytest.mark.both_engines
 def test_a_500_reveals_nothing_but_the_request_id(settings, record, caplog):
     def broken_clock():
         raise RuntimeError("/var/lib/secret.db: SELECT * FROM records")

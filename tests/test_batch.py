@@ -12,7 +12,6 @@ from records_service.access import Principal
 from records_service.app import create_app
 from records_service.collection import MAX_BATCH_RECORDS, _triage
 from records_service.config import Settings
-from records_service.store.sqlite import SQLiteStore as Store
 from tests.test_api import assert_problem, post
 from tests.test_listing import NDJSON, ids, make
 
@@ -49,6 +48,7 @@ def test_a_good_batch_stores_every_record_in_body_order(client, content_type, en
                       "version": 1, "request_id": resp.headers["x-request-id"]}
 
 
+@pytest.mark.both_engines
 def test_each_record_is_judged_on_its_own_with_what_post_tests_would_say(client, record):
     assert post(client, {**record, "test_id": "stored"}).status_code == 201
     body = "\n".join([
@@ -107,6 +107,7 @@ def test_other_content_types_are_415(client, record, content_type):
     assert_problem(client.simulate_post("/tests/_batch", body=ndjson([record]), headers=headers), 415)
 
 
+@pytest.mark.both_engines
 def test_an_atomic_batch_stores_all_with_201(client, record):
     resp = batch(client, ndjson([{**record, "test_id": "a1"}, {**record, "test_id": "a2"}]), query="atomic=true")
     assert resp.status_code == 201
@@ -119,6 +120,7 @@ def test_atomic_false_is_the_default_behaviour(client, record):
     assert resp.status_code == 200 and resp.json["created"] == 1
 
 
+@pytest.mark.both_engines
 def test_an_atomic_batch_with_any_failure_stores_nothing_and_lists_every_failure(client, record):
     assert post(client, {**record, "test_id": "taken"}).status_code == 201
     body = ndjson([{**record, "test_id": "n1"}, {**record, "test_id": "taken"}, {**record, "result": None}])
@@ -152,6 +154,7 @@ def test_more_than_10000_records_is_413_and_nothing_is_stored(client, content_ty
     assert listed(client, "C1") == []
 
 
+@pytest.mark.both_engines
 def test_10000_records_is_one_batch(client):
     resp = batch(client, ndjson([make(f"r{i:05d}") for i in range(MAX_BATCH_RECORDS)]))
     assert resp.json == {"received": MAX_BATCH_RECORDS, "created": MAX_BATCH_RECORDS, "failed": []}
@@ -167,19 +170,24 @@ def test_the_batch_byte_limit_is_its_own_and_413_beyond_it(tmp_path, clock, reco
 
 
 @pytest.fixture
-def transactions(monkeypatch) -> list:
-    """The write transactions the store runs from now on (each a BEGIN IMMEDIATE and its COMMIT or ROLLBACK)."""
+def transactions(monkeypatch, engine) -> list:
+    """The write transactions the store runs from now on (each a BEGIN and its COMMIT or ROLLBACK)."""
+    if engine == "postgresql":
+        from records_service.store.postgres import PostgresStore as Store
+    else:
+        from records_service.store.sqlite import SQLiteStore as Store
     run: list = []
     write = Store._write
 
-    def counted(store, work):
+    def counted(store, work, **options):
         run.append(work)
-        return write(store, work)
+        return write(store, work, **options)
 
     monkeypatch.setattr(Store, "_write", counted)
     return run
 
 
+@pytest.mark.both_engines
 def test_a_whole_batch_is_one_transaction_whatever_fails_in_it(client, transactions):
     assert post(client, make("taken")).status_code == 201
     del transactions[:]
@@ -189,6 +197,7 @@ def test_a_whole_batch_is_one_transaction_whatever_fails_in_it(client, transacti
     assert len(transactions) == 1
 
 
+@pytest.mark.both_engines
 def test_an_atomic_batch_that_fails_validation_writes_nothing_and_one_that_meets_a_duplicate_rolls_back_one(
         client, transactions):
     assert post(client, make("taken")).status_code == 201

@@ -37,11 +37,30 @@ def test_every_variable_is_read():
     ("RECORDS_AUTH", "off"),
     ("RECORDS_SYNCHRONOUS", "OFF"),
     ("RECORDS_BUSY_TIMEOUT_MS", "soon"),
+    ("RECORDS_DATABASE_URL", "mysql://db/records"),
+    ("RECORDS_DATABASE_URL", "/var/lib/records.db"),
+    ("RECORDS_DATABASE_URL", "postgresql://"),
+    ("RECORDS_DATABASE_URL", ""),
     ("RECORDS_BODY_TIMEOUT_MS", "0"),
 ])
 def test_a_bad_value_is_an_error_naming_the_variable(name, value):
     with pytest.raises(ConfigError, match=name):
         load_settings({name: value})
+
+
+@pytest.mark.parametrize("url", ["postgresql://records@db.internal:5432/records", "postgres://u:pw@h/d",
+                                 "postgresql:///records?host=/run/postgresql",
+                                 "postgresql://a,b/records?target_session_attrs=read-write"])
+def test_a_postgresql_url_selects_postgresql(url):
+    assert load_settings({"RECORDS_DATABASE_URL": url}).database_url == url
+
+
+def test_a_password_never_reaches_an_error_or_a_message():
+    with pytest.raises(ConfigError) as refused:
+        load_settings({"RECORDS_DATABASE_URL": "mysql://admin:s3cret@db/records"})
+    assert "s3cret" not in str(refused.value) and "RECORDS_DATABASE_URL" in str(refused.value)
+    named = load_settings({"RECORDS_DATABASE_URL": "postgresql://admin:s3cret@db/records"}).database_name()
+    assert named == "postgresql://admin:***@db/records"
 
 
 @pytest.mark.parametrize("name, value, unit", [

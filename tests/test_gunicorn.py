@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import signal
-import sqlite3
 import socket
 import threading
 import time
@@ -13,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.live import Writers, request
+from tests.live import RawDatabase, Writers, request, writes_held
 
 
 def make_record(test_id: str, clinic_id: str = "C001", **extra) -> dict:
@@ -36,6 +35,7 @@ def wait_for_log(server, predicate, deadline_s: float = 10) -> dict:
     raise AssertionError(f"no such log line within {deadline_s}s:\n{server.output()}")
 
 
+@pytest.mark.both_engines
 def test_32_concurrent_writers_get_only_201s_and_every_record_is_stored_once(start_server):
     server = start_server(workers=4)
     clinics = [f"C{n}" for n in range(4)]
@@ -58,6 +58,7 @@ def test_32_concurrent_writers_get_only_201s_and_every_record_is_stored_once(sta
     assert "database is locked" not in server.output()
 
 
+@pytest.mark.both_engines
 def test_an_acknowledged_record_survives_kill_9_of_the_whole_process_group(start_server, tmp_path):
     server = start_server(workers=3)
     with Writers(server, make_record, prefix="k") as writers:
@@ -71,28 +72,28 @@ def test_an_acknowledged_record_survives_kill_9_of_the_whole_process_group(start
     assert missing == [], f"{len(missing)} acknowledged records lost"
 
 
+@pytest.mark.both_engines
 def test_sigterm_lets_an_in_flight_request_finish(start_server):
     server = start_server(workers=1, RECORDS_LOG_LEVEL="DEBUG", RECORDS_BUSY_TIMEOUT_MS=20000)
-    blocker = sqlite3.connect(server.db_path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")  # the POST below waits for this lock: it is in flight until we let go
     result = {}
-    poster = threading.Thread(target=lambda: result.update(
-        resp=server.request("POST", "/tests", make_record("in-flight"), {"X-Request-ID": "inflight-1"})))
-    poster.start()
-    wait_for_log(server, lambda l: l.get("request_id") == "inflight-1" and l["message"] == "request received")
+    with writes_held(server):  # the POST below waits for this lock: it is in flight until we let go
+        poster = threading.Thread(target=lambda: result.update(
+            resp=server.request("POST", "/tests", make_record("in-flight"), {"X-Request-ID": "inflight-1"})))
+        poster.start()
+        wait_for_log(server, lambda l: l.get("request_id") == "inflight-1" and l["message"] == "request received")
 
-    server.proc.send_signal(signal.SIGTERM)
-    wait_for_log(server, lambda l: "Handling signal: term" in l["message"])
-    blocker.execute("ROLLBACK")
-    blocker.close()
+        server.proc.send_signal(signal.SIGTERM)
+        wait_for_log(server, lambda l: "Handling signal: term" in l["message"])
     poster.join(30)
 
     assert result["resp"].status == 201
     assert server.proc.wait(30) == 0
-    stored = sqlite3.connect(server.db_path).execute("SELECT test_id FROM records").fetchall()
-    assert stored == [("in-flight",)]
+    db = RawDatabase(str(server.db_path), server.database_url)
+    assert db.execute("SELECT test_id FROM records") == [("in-flight",)]
+    db.close()
 
 
+@pytest.mark.both_engines
 def test_a_database_locked_past_the_bound_answers_503_with_retry_after_while_reads_go_on(start_server):
     bound = 0.6
     server = start_server(workers=3, RECORDS_BUSY_TIMEOUT_MS=int(bound * 1000))
@@ -103,11 +104,9 @@ def test_a_database_locked_past_the_bound_answers_503_with_retry_after_while_rea
         resp = server.request("POST", "/tests", make_record(test_id))
         return resp, time.monotonic() - started
 
-    blocker = sqlite3.connect(server.db_path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
-        # Two writers at once: one waits in BEGIN IMMEDIATE, the other for its turn before it.
-        # The bound covers both waits together.
+    with writes_held(server):
+        # Two writers at once: one waits for the lock, the other for its turn before it (on
+        # PostgreSQL: for the clinic's lock). The bound covers both waits together.
         with ThreadPoolExecutor(2) as pool:
             posts = [pool.submit(timed_post, f"blocked-{n}") for n in range(2)]
             time.sleep(bound / 4)
@@ -116,9 +115,6 @@ def test_a_database_locked_past_the_bound_answers_503_with_retry_after_while_rea
             read_elapsed = time.monotonic() - started
             writes_waiting = not any(post.done() for post in posts)
             answers = [post.result() for post in posts]
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
 
     assert read.status == 200 and [r["test_id"] for r in read.json()] == ["before"]
     assert writes_waiting and read_elapsed < bound / 2, "the read was not answered while the writes waited"
@@ -147,6 +143,7 @@ def test_two_instances_run_side_by_side_without_colliding(start_server, tmp_path
     assert clinic_ids(second, "C001") == []
 
 
+@pytest.mark.both_engines
 def test_logs_are_json_carry_the_request_id_and_never_clinical_data(start_server):
     server = start_server(workers=2)
     secret_result = "SECRET-RESULT-7f3a"

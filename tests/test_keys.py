@@ -14,15 +14,16 @@ import pytest
 from records_service import keys
 from records_service.store.sqlite import migrations
 from records_service.access import Principal
+from records_service.store import open_store
 from records_service.store.sqlite import SQLiteStore as Store
-from tests.live import run_cli
+from tests.live import RawDatabase, run_cli
 
 NOW = "2025-06-01T12:00:00.000Z"
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(str(tmp_path / "records.db"))
+def store(settings):
+    s = open_store(settings)
     s.open()
     yield s
     s.close()
@@ -44,15 +45,17 @@ def test_a_malformed_token_is_not_parsed(token):
     assert keys.parse_token(token) is None
 
 
-def test_only_a_hash_of_the_secret_is_stored(store, tmp_path):
+@pytest.mark.both_engines
+def test_only_a_hash_of_the_secret_is_stored(store, settings):
     key_id, token = keys.create_key(store, name="lab A", roles=["ingest"], clinics=["C001"], now=NOW)
     secret = keys.parse_token(token)[1]
-    rows = sqlite3.connect(tmp_path / "records.db").execute("SELECT * FROM api_keys").fetchall()
+    rows = RawDatabase(settings.db_path, settings.database_url).execute("SELECT * FROM api_keys")
     assert len(rows) == 1
     assert not any(secret in str(column) for column in rows[0])
     assert hashlib.sha256(secret.encode()).hexdigest() in rows[0]
 
 
+@pytest.mark.both_engines
 def test_a_key_authenticates_as_its_roles_and_clinics(store):
     _, scoped = keys.create_key(store, name="lab", roles=["ingest", "read"], clinics=["C001", "C002"], now=NOW)
     key_id, admin = keys.create_key(store, name="ops", roles=["admin"], clinics=None, now=NOW)
@@ -61,6 +64,7 @@ def test_a_key_authenticates_as_its_roles_and_clinics(store):
     assert keys.authenticate(store, admin) == Principal(key_id, frozenset({"admin"}), None)
 
 
+@pytest.mark.both_engines
 def test_unknown_wrong_secret_and_revoked_keys_are_rejected_with_their_reason(store):
     key_id, token = keys.create_key(store, name="lab", roles=["read"], clinics=["C001"], now=NOW)
     rejections = {}
@@ -100,6 +104,7 @@ def test_an_unknown_key_id_costs_what_a_wrong_secret_for_a_known_one_costs(store
     assert 0.8 < ratio < 1.25, f"an unknown key id costs {ratio:.2f} of a wrong secret"
 
 
+@pytest.mark.both_engines
 def test_revoking_twice_keeps_the_first_time_and_an_unknown_key_is_none(store):
     key_id, _ = keys.create_key(store, name="lab", roles=["read"], clinics=["C001"], now=NOW)
     first, changed = store.revoke_key(key_id, NOW)
@@ -109,6 +114,7 @@ def test_revoking_twice_keeps_the_first_time_and_an_unknown_key_is_none(store):
     assert store.revoke_key("0123456789abcdef", NOW) is None
 
 
+@pytest.mark.sqlite_only(reason="migration 4 of the SQLite schema")
 def test_migration_4_adds_the_key_table_and_keeps_every_record(tmp_path):
     conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
     migrations.migrate(conn, upto=3)
@@ -124,8 +130,8 @@ def test_migration_4_adds_the_key_table_and_keeps_every_record(tmp_path):
 
 # -- the command line, as a real process ------------------------------------------------------
 
-def cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    return run_cli(tmp_path / "records.db", "keys", *args)
+def cli(tmp_path, *args: str, database_url: str | None = None) -> subprocess.CompletedProcess:
+    return run_cli(tmp_path / "records.db", "keys", *args, database_url=database_url)
 
 
 def test_create_prints_the_key_once_alone_on_the_last_line_and_logs_only_its_id(tmp_path):
@@ -142,12 +148,16 @@ def test_create_prints_the_key_once_alone_on_the_last_line_and_logs_only_its_id(
     assert (principal.roles, principal.clinics) == ({"ingest", "read"}, {"C001", "C002"})
 
 
-def test_list_shows_every_key_without_secrets_and_revoke_takes_it_out(tmp_path):
-    scoped = cli(tmp_path, "create", "--role", "read", "--clinic", "C001", "--name", "lab A").stdout.splitlines()[-1]
-    admin = cli(tmp_path, "create", "--role", "admin", "--all-clinics", "--name", "ops team").stdout.splitlines()[-1]
+@pytest.mark.both_engines
+def test_list_shows_every_key_without_secrets_and_revoke_takes_it_out(tmp_path, settings):
+    def run_keys(*args):
+        return cli(tmp_path, *args, database_url=settings.database_url)
+
+    scoped = run_keys("create", "--role", "read", "--clinic", "C001", "--name", "lab A").stdout.splitlines()[-1]
+    admin = run_keys("create", "--role", "admin", "--all-clinics", "--name", "ops team").stdout.splitlines()[-1]
     scoped_id, admin_id = keys.parse_token(scoped)[0], keys.parse_token(admin)[0]
 
-    listed = cli(tmp_path, "list")
+    listed = run_keys("list")
     assert listed.returncode == 0
     rows = [line.split() for line in listed.stdout.splitlines()]
     assert rows[0] == ["KEY_ID", "STATUS", "ROLES", "CLINICS", "CREATED", "NAME"]
@@ -155,13 +165,13 @@ def test_list_shows_every_key_without_secrets_and_revoke_takes_it_out(tmp_path):
         [scoped_id, "active", "read", "C001", "lab", "A"], [admin_id, "active", "admin", "*", "ops", "team"]]
     assert keys.parse_token(scoped)[1] not in listed.stdout + listed.stderr
 
-    revoked = cli(tmp_path, "revoke", scoped_id)
+    revoked = run_keys("revoke", scoped_id)
     assert revoked.returncode == 0 and f"revoked key {scoped_id} (lab A)" in revoked.stdout
-    again = cli(tmp_path, "revoke", scoped_id)
+    again = run_keys("revoke", scoped_id)
     assert again.returncode == 0 and "already revoked" in again.stdout
-    assert cli(tmp_path, "list").stdout.splitlines()[1].split()[:2] == [scoped_id, "revoked"]
+    assert run_keys("list").stdout.splitlines()[1].split()[:2] == [scoped_id, "revoked"]
     with pytest.raises(keys.KeyRejected, match="revoked-key"):
-        keys.authenticate(Store(str(tmp_path / "records.db")), scoped)
+        keys.authenticate(open_store(settings), scoped)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -14,9 +14,8 @@ from records_service.store.sqlite import migrations
 from records_service.access import Principal
 from records_service.app import create_app
 from records_service.config import Settings
-from records_service.store import VersionMismatch
+from records_service.store import VersionMismatch, open_store
 from records_service.lifecycle import versions_named
-from records_service.store.sqlite import SQLiteStore as Store
 from tests.old_schemas import database_at, insert_as_schema, insert_as_schemas_2_to_6
 from tests.test_api import assert_problem, post
 
@@ -79,6 +78,7 @@ class TestRead:
 
 
 class TestCorrect:
+    @pytest.mark.both_engines
     def test_a_correction_stores_the_next_version_and_answers_it_with_its_etag(self, client, record, created, clock):
         clock.now += timedelta(seconds=1)
         resp = put(client, "T-0001", {**record, "result": 5.9, "status": "corrected"}, '"1"', "req-correct")
@@ -165,12 +165,14 @@ class TestCorrect:
     def test_a_record_that_does_not_exist_is_404_before_anything_else(self, client, record):
         assert_problem(put(client, "T-0001", record, None), 404)
 
+    @pytest.mark.both_engines
     def test_a_corrected_record_keeps_its_place_in_the_list(self, client, record, created):
         post(client, {**record, "test_id": "T-0002"})
         put(client, "T-0001", {**record, "result": 6.1}, '"1"')
         listed = client.simulate_get("/tests", params={"clinic_id": "C001"}).json
         assert [(r["test_id"], r["version"], r["result"]) for r in listed] == [("T-0001", 2, 6.1), ("T-0002", 1, 5.4)]
 
+    @pytest.mark.both_engines
     def test_export_and_stats_show_current_versions_of_corrected_and_voided_records(self, client, record, created):
         kept = post(client, {**record, "test_id": "T-0002"}).json
         post(client, {**record, "test_id": "T-0003", "test_type": "LDL"})
@@ -184,6 +186,7 @@ class TestCorrect:
 
 
 class TestVoid:
+    @pytest.mark.both_engines
     def test_delete_stores_a_version_entered_in_error_and_keeps_everything(self, client, created, corrected, clock):
         clock.now += timedelta(seconds=1)
         resp = delete(client, "T-0001", '"2"', "req-void")
@@ -207,12 +210,14 @@ class TestVoid:
     def test_delete_of_a_missing_record_is_404(self, client):
         assert_problem(delete(client, "T-0404", '"1"'), 404)
 
+    @pytest.mark.both_engines
     def test_voiding_a_voided_record_again_is_409_and_changes_nothing(self, client, created):
         voided = delete(client, "T-0001", '"1"').json
         body = assert_problem(delete(client, "T-0001", '"2"'), 409)
         assert body["type"].endswith("already-voided")
         assert history(client, "T-0001") == [created, voided]
 
+    @pytest.mark.both_engines
     def test_a_voided_record_can_be_corrected_back(self, client, record, created):
         delete(client, "T-0001", '"1"', "req-void")
         resp = put(client, "T-0001", {**record, "status": "corrected"}, '"2"', "req-restore")
@@ -221,12 +226,14 @@ class TestVoid:
 
 
 class TestHistoryAndAudit:
+    @pytest.mark.both_engines
     def test_history_is_every_version_oldest_first_each_as_it_was(self, client, record, created, corrected):
         third = put(client, "T-0001", {**record, "unit": "mmol/mol", "result": 41}, '"2"', "req-3").json
         assert history(client, "T-0001") == [created, corrected, third]
         assert [(v["version"], v["request_id"]) for v in [created, corrected, third]] == [
             (1, "req-create"), (2, "req-correct"), (3, "req-3")]
 
+    @pytest.mark.both_engines
     def test_audit_lists_what_each_request_wrote(self, client, created, corrected):
         for request_id, version, action, at in [("req-create", 1, "create", created["updated_at"]),
                                                 ("req-correct", 2, "correct", corrected["updated_at"])]:
@@ -245,8 +252,9 @@ class TestHistoryAndAudit:
             resp = client.simulate_get(f"/audit/{request_id}")
             assert resp.status_code == 200 and resp.json == []
 
+    @pytest.mark.both_engines
     def test_audit_lists_a_requests_writes_in_the_order_it_made_them(self, settings, record):
-        store = Store(settings.db_path)
+        store = open_store(settings)
         batch = [{**record, "test_id": test_id, "clinic_id": clinic_id}  # one request, several clinics
                  for test_id, clinic_id in (("Z", "C9"), ("A", "C001"), ("M", "C5"), ("B", "C001"))]
         store.insert_batch(batch, request_id="req-batch", key_id="k1", now="2025-06-01T12:00:00.000Z", atomic=False)
@@ -294,9 +302,10 @@ class TestAnotherClinicsRecord:
         assert outsider.simulate_get("/audit/req-correct").json == []
 
 
+@pytest.mark.both_engines
 class TestStoreConcurrency:
     def test_of_two_writers_that_read_the_same_version_exactly_one_succeeds(self, settings, record, created):
-        first, second = Store(settings.db_path), Store(settings.db_path)  # two connections, as two workers
+        first, second = open_store(settings), open_store(settings)  # two connections, as two workers
         assert first.current("T-0001").version == second.current("T-0001").version == 1
         won = first.correct({**record, "result": 1.0}, expected=frozenset({1}), request_id="a", now="2025-06-01T12:00:01.000Z")
         with pytest.raises(VersionMismatch) as lost:
@@ -307,20 +316,15 @@ class TestStoreConcurrency:
         assert count == 2 and json.loads(rows)[-1] == json.loads(won.doc)
 
 
+@pytest.mark.both_engines
 class TestTriggers:
     """History is kept by the database itself, whatever code creates or changes a record."""
 
-    @pytest.fixture
-    def conn(self, settings, created):
-        conn = sqlite3.connect(settings.db_path, isolation_level=None)
-        yield conn
-        conn.close()
-
-    def test_a_new_version_written_by_any_code_path_keeps_the_one_it_supersedes(self, client, conn, created):
+    def test_a_new_version_written_by_any_code_path_keeps_the_one_it_supersedes(self, client, raw_db, created):
         # Not through the store: plain SQL, as a script or a future code path might change a record.
-        doc = json.loads(conn.execute("SELECT doc FROM records WHERE test_id = 'T-0001'").fetchone()[0])
+        doc = json.loads(raw_db.execute("SELECT doc FROM records WHERE test_id = 'T-0001'")[0][0])
         doc.update(version=2, result=9, updated_at="2025-06-02T00:00:00.000Z", request_id="req-script")
-        conn.execute("UPDATE records SET version = 2, request_id = 'req-script', doc = ? WHERE test_id = 'T-0001'",
+        raw_db.execute("UPDATE records SET version = 2, request_id = 'req-script', doc = ? WHERE test_id = 'T-0001'",
                      (json.dumps(doc),))
         assert [(v["version"], v["request_id"]) for v in history(client, "T-0001")] == [
             (1, "req-create"), (2, "req-script")]
@@ -335,14 +339,15 @@ class TestTriggers:
         "DELETE FROM record_versions",
         "UPDATE record_versions SET doc = '{}'",
     ])
-    def test_records_are_never_deleted_and_versions_never_rewritten(self, client, conn, created, corrected, sql):
-        assert conn.execute("SELECT count(*) FROM record_versions").fetchone()[0] == 1  # version 1, superseded
-        with pytest.raises(sqlite3.IntegrityError):
-            conn.execute(sql)
+    def test_records_are_never_deleted_and_versions_never_rewritten(self, client, raw_db, created, corrected, sql):
+        assert raw_db.execute("SELECT count(*) FROM record_versions")[0][0] == 1  # version 1, superseded
+        with pytest.raises(raw_db.refused):
+            raw_db.execute(sql)
         assert history(client, "T-0001") == [created, corrected]
         assert client.simulate_get("/tests/T-0001").json == corrected
 
 
+@pytest.mark.sqlite_only(reason="migrations of SQLite schemas shipped before PostgreSQL was supported")
 class TestMigration:
     def test_existing_records_become_version_1_with_their_original_request_id(self, tmp_path, record, clock):
         path = str(tmp_path / "old.db")

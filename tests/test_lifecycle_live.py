@@ -3,15 +3,17 @@ following one write from the logs to the database and back."""
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import sys
 import threading
 
-from tests.live import REPO
+import pytest
+
+from tests.live import REPO, writes_held
 from tests.test_gunicorn import make_record, wait_for_log
 
 
+@pytest.mark.both_engines
 def test_of_clients_correcting_the_same_version_at_once_exactly_one_wins(start_server):
     clients = 4
     server = start_server(workers=clients, RECORDS_LOG_LEVEL="DEBUG")
@@ -20,8 +22,6 @@ def test_of_clients_correcting_the_same_version_at_once_exactly_one_wins(start_s
 
     # Hold the write lock until every correction is in a worker, so they all read version 1
     # and meet at the write; then let go.
-    blocker = sqlite3.connect(server.db_path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
     answers: dict[str, object] = {}
 
     def correct(n: int) -> None:
@@ -30,14 +30,11 @@ def test_of_clients_correcting_the_same_version_at_once_exactly_one_wins(start_s
             {"If-Match": '"1"', "X-Request-ID": f"race-{n}"})
 
     threads = [threading.Thread(target=correct, args=(n,)) for n in range(clients)]
-    try:
+    with writes_held(server):
         for t in threads:
             t.start()
         for n in range(clients):
             wait_for_log(server, lambda l, n=n: l.get("request_id") == f"race-{n}" and l["message"] == "request received")
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
     for t in threads:
         t.join(30)
 
@@ -50,6 +47,7 @@ def test_of_clients_correcting_the_same_version_at_once_exactly_one_wins(start_s
     assert server.request("GET", "/tests/race-1").json() == winner.json()
 
 
+@pytest.mark.both_engines
 def test_a_write_is_followed_from_the_logs_to_the_database_and_back(start_server):
     server = start_server(workers=2)
     # No X-Request-ID: the service makes the IDs, as for most clients.

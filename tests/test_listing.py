@@ -81,6 +81,7 @@ def varied(client):
     return client
 
 
+@pytest.mark.both_engines
 @pytest.mark.parametrize("query, expected", [
     ("clinic_id=C1", list("abcdefgh")),
     ("clinic_id=C1&patient_id=P1", list("aceg")),
@@ -105,6 +106,7 @@ def test_filters_combine_and_keep_ingest_order(varied, query, expected):
     assert ids(varied.simulate_get("/tests", query_string=query)) == expected
 
 
+@pytest.mark.both_engines
 def test_a_voided_record_stays_listed_and_entered_in_error_is_a_filter_value(varied, settings):
     assert varied.simulate_delete("/tests/c", headers={"If-Match": '"1"'}).status_code == 200
     assert ids(varied.simulate_get("/tests", query_string="clinic_id=C1&status=entered-in-error")) == ["c"]
@@ -159,6 +161,7 @@ def test_a_bad_time_filter_shows_what_arrived_without_a_plus_hint(client):
     assert "(got 'yesterday')" in body["errors"][0]["message"] and "%2B" not in body["detail"]
 
 
+@pytest.mark.both_engines
 def test_pages_follow_next_links_to_the_end_and_the_last_has_none(client):
     ingest(client, [make(f"t{i:02d}") for i in range(7)])
     seen, sizes = walk(client, "clinic_id=C1&limit=3")
@@ -205,6 +208,7 @@ def test_a_cursor_may_be_used_with_another_limit(varied):
     assert ids(varied.simulate_get("/tests", params=query)) == list("cdefgh")
 
 
+@pytest.mark.both_engines
 def test_a_cursor_serves_any_app_on_the_same_database(varied, settings, clock):
     url = next_url(varied.simulate_get("/tests", query_string="clinic_id=C1&limit=4"))
     other = falcon.testing.TestClient(create_app(settings, clock=clock))
@@ -227,6 +231,7 @@ def test_an_edited_cursor_is_as_forged_as_garbage(varied):
         assert [e["field"] for e in body["errors"]] == ["cursor"]
 
 
+@pytest.mark.both_engines
 def test_a_cursor_for_other_filters_is_400(varied):
     params, token = _cursor_of(varied.simulate_get("/tests", query_string="clinic_id=C1&status=final&limit=1"))
     for other in ({"clinic_id": "C2"}, {"clinic_id": "C1"}, {"clinic_id": "C1", "status": "cancelled"},
@@ -235,6 +240,7 @@ def test_a_cursor_for_other_filters_is_400(varied):
         assert [e["field"] for e in body["errors"]] == ["cursor"]
 
 
+@pytest.mark.both_engines
 def test_records_ingested_while_paging_are_not_repeated_and_come_after(client):
     ingest(client, [make(f"old{i}") for i in range(4)])
     first = client.simulate_get("/tests", query_string="clinic_id=C1&limit=2")
@@ -278,6 +284,7 @@ def _assert_indexed(conn, combo) -> None:
         assert plan == [expected], (sql, plan)
 
 
+@pytest.mark.sqlite_only(reason="the query plans of SQLite's schema")
 @pytest.mark.parametrize("combo", COMBINATIONS, ids=lambda c: "+".join(c) or "clinic only")
 def test_every_filter_combination_is_an_index_search_in_seq_order(tmp_path, combo):
     conn = sqlite3.connect(tmp_path / "plan.db", isolation_level=None)
@@ -285,6 +292,7 @@ def test_every_filter_combination_is_an_index_search_in_seq_order(tmp_path, comb
     _assert_indexed(conn, combo)
 
 
+@pytest.mark.sqlite_only(reason="the query plans of SQLite's schema")
 def test_plans_hold_once_the_planner_has_statistics_of_a_skewed_database(tmp_path):
     conn = sqlite3.connect(tmp_path / "plan.db", isolation_level=None)
     migrations.migrate(conn)
@@ -298,6 +306,7 @@ def test_plans_hold_once_the_planner_has_statistics_of_a_skewed_database(tmp_pat
         _assert_indexed(conn, combo)
 
 
+@pytest.mark.sqlite_only(reason="the query plans of SQLite's schema")
 def test_stats_read_a_clinics_counts_and_tail_by_primary_key(tmp_path):
     conn = sqlite3.connect(tmp_path / "plan.db", isolation_level=None)
     migrations.migrate(conn)

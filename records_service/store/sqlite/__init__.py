@@ -15,8 +15,8 @@ import time
 from itertools import islice
 from typing import Iterable, Iterator
 
-from ..base import Stored, prepare
-from ..errors import DuplicateRecord, StoreBusy, StoreFull, VersionMismatch, AlreadyVoided
+from ..base import EngineStore, WriterSlots, prepare
+from ..errors import DuplicateRecord, StoreFull
 from . import counters, imports, keys, maintenance, records
 from .connection import MIN_FREE_BYTES, Database, file_size
 from .migrations import SCHEMA_VERSION, migrate
@@ -27,30 +27,22 @@ log = logging.getLogger("records_service.store")
 # since its last fold, or once it has written this many records: tails stay a few hundred rows.
 FOLD_EVERY_S = 1.0
 FOLD_EVERY_RECORDS = 2000
-# How many of a process's threads may wait for the writers' turn at once. Past it a write is
-# refused (503, Retry-After) instead of holding a thread that reads need: with another writer
-# holding the database, waiting writes would otherwise take every thread (issue 17). While
-# slots keep being given back (writes are flowing) a write waits up to WRITE_SLOT_WAIT_S for
-# one; once none has been given back for WRITES_STUCK_S, it is refused at once.
-WRITE_SLOT_WAIT_S = 0.25
-WRITES_STUCK_S = 0.25
 
 
-class SQLiteStore:
+class SQLiteStore(EngineStore):
     engine = "sqlite"
+    _records, _counters, _keys, _imports = records, counters, keys, imports
 
     def __init__(self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000,
                  writers: int | None = None) -> None:
         self.path = path
         self._db = Database(path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)
         self._busy_timeout_ms = busy_timeout_ms
-        self._slots = threading.BoundedSemaphore(writers) if writers else None
-        self._slot_given_back = time.monotonic()
+        self._slots = WriterSlots(writers)
         self._touched: set[str] = set()
         self._touched_records = 0
         self._touched_lock = threading.Lock()
         self._last_fold = time.monotonic()
-        self._cursor_secret: bytes | None = None
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -85,18 +77,7 @@ class SQLiteStore:
     # -- writes ----------------------------------------------------------------------------
 
     def _write(self, work):
-        if self._slots is None:
-            return self._db.write(work)
-        if not self._slots.acquire(blocking=False):
-            flowing = time.monotonic() - self._slot_given_back < WRITES_STUCK_S
-            if not (flowing and self._slots.acquire(timeout=WRITE_SLOT_WAIT_S)):
-                log.warning("too many writes waiting for the database in this process; write refused")
-                raise StoreBusy("too many writes are waiting for the database")
-        try:
-            return self._db.write(work)
-        finally:
-            self._slots.release()
-            self._slot_given_back = time.monotonic()
+        return self._slots.run(lambda: self._db.write(work))
 
     def _wrote(self, clinics: Iterable[str], count: int) -> None:
         """Note where records went; fold those clinics' tails when one is due (outside the caller's write)."""
@@ -181,54 +162,8 @@ class SQLiteStore:
         finally:
             conn.execute("PRAGMA cache_size = -2000")
 
-    def correct(self, record: dict, *, expected: frozenset[int], request_id: str, key_id: str | None = None,
-                now: str) -> Stored:
-        return self._revise(record["test_id"], expected, lambda current: record, "correct", request_id, key_id, now)
 
-    def void(self, test_id: str, *, expected: frozenset[int], request_id: str, key_id: str | None = None,
-             now: str) -> Stored:
-        return self._revise(test_id, expected, records.entered_in_error, "void", request_id, key_id, now)
-
-    def _revise(self, test_id, expected, change, action, request_id, key_id, now) -> Stored:
-        try:
-            stored = self._write(lambda conn: records.revise(conn, test_id, expected, change, request_id, key_id, now))
-        except VersionMismatch as exc:
-            log.info("record not changed: version mismatch", extra={"test_id": test_id, "version": exc.current})
-            raise
-        except AlreadyVoided:
-            log.info("record not changed: already voided", extra={"test_id": test_id})
-            raise
-        log.info("committed", extra={"test_id": test_id, "version": stored.version, "action": action})
-        return stored
-
-    # -- reads -----------------------------------------------------------------------------
-
-    def current(self, test_id: str) -> Stored | None:
-        return records.current(self._db, test_id)
-
-    def history_json(self, test_id: str) -> tuple[str, int]:
-        return records.history_json(self._db, test_id)
-
-    def audit(self, request_id: str) -> list[dict]:
-        return records.audit(self._db, request_id)
-
-    def list_page(self, filters: dict[str, str], after_seq: int, limit: int) -> tuple[str, int, int | None]:
-        return records.list_page(self._db, filters, after_seq, limit)
-
-    def export_docs(self, filters: dict[str, str], chunk_rows: int = 1000) -> Iterator[list[str]]:
-        return records.export_docs(self._db, filters, chunk_rows)
-
-    def clinic_stats(self, clinic_id: str) -> dict:
-        return counters.clinic_stats(self._db, clinic_id)
-
-    def cursor_secret(self) -> bytes:
-        """The key that signs paging cursors: made once with the schema, the same in every worker."""
-        if self._cursor_secret is None:
-            self._cursor_secret = self._db.read("SELECT value FROM meta WHERE key = 'cursor_secret'")[0][0]
-        return self._cursor_secret
-
-    def count(self) -> int:
-        return self._db.read("SELECT count(*) FROM records")[0][0]
+    # -- reads (the rest are EngineStore's) ---------------------------------------------
 
     def dashboard_counts(self, since_hour: str, top_clinics: int) -> dict:
         """What the dashboard shows, from the counters: never a scan of records."""
@@ -237,42 +172,6 @@ class SQLiteStore:
                 "journal_mode": self._db.read("PRAGMA journal_mode")[0][0],
                 "database_bytes": file_size(self.path),
                 "wal_bytes": file_size(self.path + "-wal")}
-
-    # -- imports from upstream APIs --------------------------------------------------------
-
-    def import_progress(self, source: str) -> dict | None:
-        return imports.progress(self._db, source)
-
-    def import_runs(self) -> list[dict]:
-        return imports.runs(self._db)
-
-    def import_page(self, source: str, items: list[tuple[int, dict]], position: dict, *, request_id: str,
-                    key_id: str, now: str) -> dict:
-        state, outcomes, clinics, created = self._write(lambda conn: imports.store_page(
-            conn, source, items, position, request_id=request_id, key_id=key_id, now=now))
-        log.info("committed", extra={"page": position["page"], "records_created": created,
-                                     "updated": sum(1 for o in outcomes if o["outcome"] == "updated"),
-                                     "unchanged": sum(1 for o in outcomes if o["outcome"] == "unchanged")})
-        self._wrote(clinics, created)
-        return state
-
-    # -- API keys --------------------------------------------------------------------------
-
-    def create_key(self, **key) -> None:
-        keys.create_key(self._db, **key)
-        log.info("api key created", extra={"key_id": key["key_id"]})
-
-    def find_key(self, key_id: str) -> dict | None:
-        return keys.find_key(self._db, key_id)
-
-    def list_keys(self) -> list[dict]:
-        return keys.list_keys(self._db)
-
-    def revoke_key(self, key_id: str, now: str) -> tuple[dict, bool] | None:
-        result = keys.revoke_key(self._db, key_id, now)
-        if result and result[1]:
-            log.info("api key revoked", extra={"key_id": key_id})
-        return result
 
     # -- whole database --------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import StoreUnavailable
@@ -79,6 +80,21 @@ def check_database(path: str, *, busy_timeout_ms: int = 5000) -> dict:
     finally:
         conn.close()
     return facts
+
+
+@contextmanager
+def tables_of(path: str, tables: dict[str, tuple[str, ...]], *, busy_timeout_ms: int = 5000):
+    """Rows of `tables` (name -> columns) of the database at `path`, and its cursor key, all as
+    of one commit (one read transaction), for copying it elsewhere while it may be served."""
+    conn = _open_existing(path, busy_timeout_ms)
+    try:
+        conn.execute("BEGIN")
+        secret = conn.execute("SELECT value FROM meta WHERE key = 'cursor_secret'").fetchone()[0]
+        yield {table: conn.execute(f"SELECT {', '.join(columns)} FROM {table}") for table, columns in tables.items()}, secret
+    except sqlite3.Error as exc:
+        raise translate(exc, f"cannot read {path}") from exc
+    finally:
+        conn.close()
 
 
 def _summary(conn: sqlite3.Connection) -> dict:
