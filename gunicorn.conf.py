@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from records_service import runtime
-from records_service.config import ConfigError, load_dotenv_file, load_settings
+from records_service.config import ConfigError, load_dotenv_file, load_settings, unknown_variables
 from records_service.logs import logging_config
 from records_service.store import StoreError, open_store
 
@@ -51,7 +51,10 @@ def on_starting(server):
     """Migrate once, in the master, before any worker exists: a long migration (issue 14's
     schema 8 rebuilds the records table) then never runs inside a worker's boot timeout, and the
     master's connections are closed before the first fork. If the database cannot be used now,
-    the workers start anyway, answer /ready 503 and retry at their next request."""
+    the workers start anyway, answer /ready 503 and retry at their next request.
+    First, once, a warning for each RECORDS_* variable that is no setting (a misspelling)."""
+    for warning in unknown_variables(os.environ):
+        server.log.warning(warning)
     store = open_store(settings)
     try:
         version = store.migrate()

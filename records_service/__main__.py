@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging.config
 import os
 import sys
@@ -15,7 +16,10 @@ import time
 
 from . import __version__, keys
 from .app import utc_now
-from .config import ConfigError, Settings, load_dotenv_file, load_settings, parse_database_url, redact_url
+from .config import (ConfigError, Settings, load_dotenv_file, load_settings, parse_database_url, redact_url,
+                     unknown_variables)
+from .imports.run import run_import
+from .imports.source import SourceError, load_source
 from .logs import logging_config
 from .seed import ProgressBar, seed_rows
 from .store import Store, StoreBusy, StoreError, copy_to_postgresql, open_store
@@ -245,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--clinics", type=_at_least_1, default=500, help="spread over this many clinics (default 500)")
     seed.add_argument("--random-seed", type=int, default=None, help="make the records' content reproducible")
     seed.set_defaults(run=run_seed)
+    pull = commands.add_parser("import", help="pull records from an upstream API described by a source file")
+    pull.add_argument("source_file", metavar="SOURCE_FILE", help="the source's TOML file (see README)")
+    pull.add_argument("--dry-run", action="store_true", help="fetch and validate; store nothing, save no progress")
+    pull.set_defaults(run=run_import_source)
     return parser
 
 
@@ -268,6 +276,29 @@ def run_seed(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def run_import_source(args: argparse.Namespace, settings: Settings) -> int:
+    """Pull one source into RECORDS_DB_PATH: 0 all stored or unchanged, 1 some items failed,
+    2 the source file is invalid (nothing fetched), 3 the run stopped before its last page (the
+    upstream could not be read, or the database refused a page): what was committed stays, run
+    again to resume. The last line of standard output is the summary."""
+    try:
+        source = load_source(args.source_file, os.environ)
+    except SourceError as exc:
+        print(f"records_service import: {args.source_file}: {exc}", file=sys.stderr)
+        return 2
+    store = _store(settings)
+    try:
+        store.open()  # before the run, so opening (and migrating) is not logged as part of it
+        outcome = run_import(source, store, dry_run=args.dry_run, now=utc_now, progress_stream=sys.stderr)
+    finally:
+        store.close()
+    if outcome.problem:
+        print(f"records_service import: {source.name}: stopped before the last page ({outcome.problem}); "
+              "what was committed stays, run again to resume", file=sys.stderr)
+    print(json.dumps(outcome.summary, ensure_ascii=False))
+    return outcome.status
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     load_dotenv_file()
@@ -277,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"records_service: configuration error: {exc}", file=sys.stderr)
         return 2
     logging.config.dictConfig(logging_config(settings.log_level))
+    for warning in unknown_variables(os.environ):
+        logging.getLogger("records_service.config").warning(warning)
     try:
         return args.run(args, settings)
     except StoreError as exc:

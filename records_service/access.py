@@ -19,7 +19,8 @@ PUBLIC = "public"  # needs no key
 
 # Which role each route template and method needs; `admin` may do everything. A route or
 # method missing here is refused to every key (deny by default), and a test fails on it.
-ROUTE_ROLES: dict[str, dict[str, str]] = {
+# HEAD needs what GET needs (below): it answers the same headers.
+_ROLES_BY_METHOD: dict[str, dict[str, str]] = {
     "/health": {"GET": PUBLIC},
     "/ready": {"GET": PUBLIC},
     "/openapi.json": {"GET": PUBLIC},
@@ -31,6 +32,10 @@ ROUTE_ROLES: dict[str, dict[str, str]] = {
     "/tests/{test_id}": {"GET": "read", "PUT": "ingest", "DELETE": "ingest"},
     "/tests/{test_id}/history": {"GET": "read"},
     "/audit/{request_id}": {"GET": "admin"},
+}
+ROUTE_ROLES: dict[str, dict[str, str]] = {
+    template: {**methods, **({"HEAD": methods["GET"]} if "GET" in methods else {})}
+    for template, methods in _ROLES_BY_METHOD.items()
 }
 
 # Pages for people: a browser can only send a key as the password of HTTP Basic auth.

@@ -10,6 +10,7 @@ from typing import Callable
 import falcon
 
 from . import errors, runtime
+from .body_deadline import BodyTimeout
 from .collection import Batch, Export, Stats
 from .config import Settings, load_settings
 from .lifecycle import Audit, History, Record
@@ -25,6 +26,14 @@ log = logging.getLogger("records_service.app")
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def answering_head(resource):
+    """The resource, its GET responder also answering HEAD (RFC 9110 9.3.2): the same status and
+    headers, and Falcon leaves the body out. A responder that streams checks `req.method` itself."""
+    if hasattr(resource, "on_get") and not hasattr(resource, "on_head"):
+        resource.on_head = resource.on_get
+    return resource
 
 
 def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime] = utc_now,
@@ -49,18 +58,23 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
                     "without a key, as admin; use this only for local experiments", extra={"pid": os.getpid()})
 
     authenticate = Authenticate(store, required=settings.auth == "required")
-    app = falcon.App(middleware=[RequestContext(), authenticate, FailureRecorder(shared.failures, clock)])
+    app = falcon.App(middleware=[RequestContext(), BodyTimeout(settings.body_timeout_ms), authenticate,
+                                 FailureRecorder(shared.failures, clock)])
     errors.install(app)
-    app.add_route("/", Dashboard(store, shared, clock))
-    app.add_route("/health", Health())
-    app.add_route("/ready", Ready(store))
-    app.add_route("/openapi.json", OpenAPIDocument())
-    app.add_route("/tests", TestsCollection(store, clock, settings.max_body_bytes))
-    app.add_route("/tests/_batch", Batch(store, clock, settings.max_batch_bytes))
-    app.add_route("/tests/_export", Export(store))
-    app.add_route("/tests/_stats", Stats(store))
-    app.add_route("/tests/{test_id}", Record(store, clock, settings.max_body_bytes))
-    app.add_route("/tests/{test_id}/history", History(store))
-    app.add_route("/audit/{request_id}", Audit(store))
+    routes = {
+        "/": Dashboard(store, shared, clock),
+        "/health": Health(),
+        "/ready": Ready(store),
+        "/openapi.json": OpenAPIDocument(),
+        "/tests": TestsCollection(store, clock, settings.max_body_bytes),
+        "/tests/_batch": Batch(store, clock, settings.max_batch_bytes),
+        "/tests/_export": Export(store),
+        "/tests/_stats": Stats(store),
+        "/tests/{test_id}": Record(store, clock, settings.max_body_bytes),
+        "/tests/{test_id}/history": History(store),
+        "/audit/{request_id}": Audit(store),
+    }
+    for path, resource in routes.items():
+        app.add_route(path, answering_head(resource))
     authenticate.learn_routes(app)  # after the last add_route
     return app

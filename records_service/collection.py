@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime
-from typing import Callable, Generator, Iterator
+from typing import Callable, Generator, Iterable, Iterator
 
 import falcon
 
@@ -20,7 +20,8 @@ from .errors import Problem, duplicate_record, invalid_parameter, invalid_record
 from .logs import request_id_var
 from .resources import JSON, clinic_query, media_type, query_params, read_body
 from .store import Store
-from .validate import InvalidBatch, MalformedJSON, check_id, client_fields, parse_batch, utc_millis, validate_record
+from .validate import (InvalidBatch, MalformedJSON, TooManyRecords, check_id, client_fields, parse_batch, utc_millis,
+                       validate_record)
 
 log = logging.getLogger("records_service.http")
 
@@ -40,7 +41,7 @@ def _sent_test_id(doc) -> str | None:
     return test_id if check_id(test_id) is None else None
 
 
-def _triage(items: list, now: datetime, principal: Principal) -> tuple[list[tuple[int, dict]], dict[int, dict]]:
+def _triage(items: Iterable, now: datetime, principal: Principal) -> tuple[list[tuple[int, dict]], dict[int, dict]]:
     """Split a batch into the records to store, (index, record) in order, and failures by index.
 
     A test_id repeated in the batch: its first valid occurrence wins, the others are 409s,
@@ -104,18 +105,17 @@ class Batch:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         atomic = _atomic(query_params(req, allowed={"atomic"}, required=set()).get("atomic"))
         body = read_body(req, self._max_batch_bytes, accepted=(JSON, NDJSON))
+        now = self._clock()
         try:
-            items = parse_batch(body, ndjson=media_type(req) == NDJSON)
+            items = parse_batch(body, ndjson=media_type(req) == NDJSON, max_records=MAX_BATCH_RECORDS)
+            accepted, failed = _triage(items, now, req.context.principal)
         except MalformedJSON as exc:
             raise malformed_json(str(exc)) from None
         except InvalidBatch as exc:
             raise Problem(400, "invalid-batch", str(exc), title="Invalid batch") from None
-        if len(items) > MAX_BATCH_RECORDS:
-            raise Problem(413, "too-many-records",
-                          f"the batch has {len(items)} records, more than the limit of {MAX_BATCH_RECORDS}; nothing was stored")
-
-        now = self._clock()
-        accepted, failed = _triage(items, now, req.context.principal)
+        except TooManyRecords as exc:
+            raise Problem(413, "too-many-records", str(exc)) from None
+        received = len(accepted) + len(failed)
         records = [record for _, record in accepted]
         if atomic and failed:
             existing = self._store.existing([record["test_id"] for record in records])
@@ -125,12 +125,12 @@ class Batch:
                                                 atomic=atomic)
         _stored_duplicates(accepted, existing, failed)
 
-        outcome = {"received": len(items), "created": 0 if atomic and failed else len(records) - len(existing),
+        outcome = {"received": received, "created": 0 if atomic and failed else len(records) - len(existing),
                    "failed": [failed[index] for index in sorted(failed)]}
         # ("created" would clash with a LogRecord attribute.)
-        req.context.log_fields = {"received": len(items), "stored": outcome["created"], "failed": len(failed)}
+        req.context.log_fields = {"received": received, "stored": outcome["created"], "failed": len(failed)}
         if atomic and failed:
-            raise _rejected(len(items), outcome["failed"])
+            raise _rejected(received, outcome["failed"])
         resp.status = falcon.HTTP_201 if atomic else falcon.HTTP_200
         resp.media = outcome
 
@@ -143,30 +143,51 @@ class Export:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         query, _ = clinic_query(req)
+        chunks = self._store.export_docs(query["filters"])
+        # Fetched here, before any byte is sent: a database that fails this early gets the
+        # ordinary problem answer (and status in the completion line), not a broken stream.
+        first = next(chunks, [])
         resp.content_type = NDJSON
-        resp.stream = _ndjson(self._store.export_docs(query["filters"]), req.context.request_id)
+        if req.method == "HEAD":
+            chunks.close()
+            resp.stream = iter(())  # a stream: no Content-Length, as GET has none
+            return
+        resp.stream = _ndjson(first, chunks, req.context.request_id)
 
 
-def _ndjson(chunks: Generator[list[str], None, None], request_id: str) -> Iterator[bytes]:
-    """Encode the chunks as NDJSON lines, then log the export's own completion line.
+def _ndjson(first: list[str], chunks: Generator[list[str], None, None], request_id: str) -> Iterator[bytes]:
+    """Encode the chunks, `first` then the rest, as NDJSON lines, then log the export's own
+    completion line.
 
-    It runs after the middleware has logged the request and let go of its request ID, so it
-    carries the ID itself.
+    It runs after the middleware has logged the request (status 200) and let go of its request
+    ID, so it carries the ID itself. A database error once the response is under way can no
+    longer change its status: it is logged as the export's failure, with its cause, and raised,
+    so the server aborts the response without its terminating chunk and the client sees a
+    truncated stream, never a clean end.
     """
     started = time.perf_counter()
     count = 0
-    complete = False
+    outcome, cause = "export stopped before the end", None  # the client went away (GeneratorExit)
     try:
-        for docs in chunks:
+        docs = first
+        while docs:
             count += len(docs)
             yield ("\n".join(docs) + "\n").encode("utf-8")
-        complete = True
+            docs = next(chunks, None)
+        outcome = "export completed"
+    except Exception as exc:
+        # Deliberately broad: whatever broke mid-stream, the response cannot be completed.
+        outcome, cause = "export failed", f"{type(exc).__name__}: {exc}"
+        raise
     finally:
         chunks.close()
         token = request_id_var.set(request_id)
         try:
-            log.info("export completed" if complete else "export stopped before the end", extra={
-                "count": count, "duration_ms": round((time.perf_counter() - started) * 1000, 3)})
+            fields = {"count": count, "duration_ms": round((time.perf_counter() - started) * 1000, 3)}
+            if cause:
+                log.error(outcome, extra={**fields, "error": cause})
+            else:
+                log.info(outcome, extra=fields)
         finally:
             request_id_var.reset(token)
 

@@ -6,6 +6,7 @@ which the entry points turn into a one-line message and a non-zero exit.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -28,6 +29,7 @@ class Settings:
     auth: str = "required"
     synchronous: str = "NORMAL"
     busy_timeout_ms: int = 5_000
+    body_timeout_ms: int = 10_000
     database_url: str | None = None  # PostgreSQL instead of the SQLite file at db_path
 
     def database_name(self) -> str:
@@ -48,14 +50,19 @@ def _log_level(name: str, raw: str) -> str:
     return level
 
 
-def _positive_int(name: str, raw: str) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number of bytes or milliseconds (got {raw!r})") from None
-    if value < 1:
-        raise ConfigError(f"{name} must be at least 1 (got {raw!r})")
-    return value
+def _whole_number_of(unit: str) -> Callable[[str, str], int]:
+    """A parser for a count of `unit`s (bytes, milliseconds), at least 1."""
+
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number of {unit}, without a unit (got {raw!r})") from None
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1 ({unit}; got {raw!r})")
+        return value
+
+    return parse
 
 
 def parse_database_url(name: str, raw: str) -> str:
@@ -95,11 +102,12 @@ def _choice(*allowed: str) -> Callable[[str, str], str]:
 _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "RECORDS_DB_PATH": ("db_path", _text),
     "RECORDS_LOG_LEVEL": ("log_level", _log_level),
-    "RECORDS_MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
-    "RECORDS_MAX_BATCH_BYTES": ("max_batch_bytes", _positive_int),
+    "RECORDS_MAX_BODY_BYTES": ("max_body_bytes", _whole_number_of("bytes")),
+    "RECORDS_MAX_BATCH_BYTES": ("max_batch_bytes", _whole_number_of("bytes")),
     "RECORDS_AUTH": ("auth", _choice("required", "disabled")),
     "RECORDS_SYNCHRONOUS": ("synchronous", _choice("NORMAL", "FULL")),
-    "RECORDS_BUSY_TIMEOUT_MS": ("busy_timeout_ms", _positive_int),
+    "RECORDS_BUSY_TIMEOUT_MS": ("busy_timeout_ms", _whole_number_of("milliseconds")),
+    "RECORDS_BODY_TIMEOUT_MS": ("body_timeout_ms", _whole_number_of("milliseconds")),
     "RECORDS_DATABASE_URL": ("database_url", parse_database_url),
 }
 
@@ -112,6 +120,23 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         if name in environ
     }
     return Settings(**values)
+
+
+_PREFIX = "RECORDS_"
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each RECORDS_* variable that is not a setting, naming the closest one: a
+    misspelled setting is otherwise ignored without a word, and its default silently used."""
+    known = list(_PARSERS)
+    warnings = []
+    for name in sorted(n for n in environ if n.upper().startswith(_PREFIX) and n not in _PARSERS):
+        # Compared without the prefix every name shares, which would make any two look alike.
+        closest = difflib.get_close_matches(name.upper().removeprefix(_PREFIX),
+                                            [k.removeprefix(_PREFIX) for k in known], n=1, cutoff=0.6)
+        hint = f"did you mean {_PREFIX}{closest[0]}?" if closest else f"the settings are {', '.join(known)}"
+        warnings.append(f"{name} is not a records_service setting and is ignored: {hint}")
+    return warnings
 
 
 def load_dotenv_file(directory: Path | None = None) -> None:

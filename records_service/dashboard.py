@@ -33,6 +33,7 @@ class DashboardView:
     db_problem: str | None          # why db is None, in words fit for an operator
     failures_total: int
     failures: list[dict]            # newest first, as runtime.FailureLog.recent() gives them
+    imports: tuple = ()             # Store.import_runs(): each source's last (or current) run
 
 
 def hour_key(moment: datetime) -> str:
@@ -59,6 +60,7 @@ def render(view: DashboardView) -> str:
         sections.append(f"<section><h2>Records ingested per hour, last 7 days (UTC)</h2>"
                         f"<p>{week_total:,} records in the last 7 days.</p>{ingest_chart(series)}</section>")
         sections.append(_clinics(db))
+        sections.append(_imports(view.imports))
     sections.append(_failures(view))
     return _PAGE.format(generated=escape(_iso(view.generated_at)), version=escape(__version__), pid=view.pid,
                         body="\n".join(sections))
@@ -125,6 +127,28 @@ def _clinics(db: dict) -> str:
     return (f"<section><h2>Records per clinic</h2><p>{shown}</p>"
             f'<table class="clinics"><thead><tr><th>Clinic</th><th class="num">Records</th><th></th></tr></thead>'
             f"<tbody>{body}</tbody></table></section>")
+
+
+def _imports(runs) -> str:
+    heading = "<h2>Imports from upstream APIs</h2>"
+    if not runs:
+        return (f"<section>{heading}<p>No import has run yet "
+                f"(<code>python -m records_service import SOURCE_FILE</code>).</p></section>")
+    counts = ("pages", "fetched", "created", "updated", "unchanged", "failed")
+    body = "".join(
+        f'<tr data-source="{escape(run["source"])}" data-complete="{str(run["complete"]).lower()}">'
+        f'<td>{escape(run["source"])}</td><td>{escape(run["updated_at"])}</td>'
+        f'<td class="{"" if run["complete"] else "bad"}">'
+        f'{"completed" if run["complete"] else "not completed: resumes at page " + str(run["pages"] + 1)}</td>'
+        + "".join(f'<td class="num{" bad" if name == "failed" and run[name] else ""}">{run[name]:,}</td>'
+                  for name in counts)
+        + f'<td><code>{escape(run["request_id"])}</code></td></tr>'
+        for run in runs)
+    head = "".join(f'<th class="num">{name.capitalize()}</th>' for name in counts)
+    return (f"<section>{heading}<p>Each source's last run (a run not completed is resumed by the next one). "
+            f"Its request ID finds what it wrote in <code>/audit</code>, the logs and <code>trace</code>.</p>"
+            f'<table class="imports"><thead><tr><th>Source</th><th>Last page at (UTC)</th><th>Run</th>{head}'
+            f"<th>Request ID</th></tr></thead><tbody>{body}</tbody></table></section>")
 
 
 def _failures(view: DashboardView) -> str:

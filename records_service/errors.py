@@ -110,7 +110,13 @@ def domain_problem(exc: Exception) -> Problem:
 def _domain_error(req, resp, ex, params):
     if isinstance(ex, StoreError) and not isinstance(ex, StoreBusy):
         log.error("database unavailable: %s", ex)
-    raise domain_problem(ex)
+    problem = domain_problem(ex)
+    hint = getattr(req.context, "if_match_hint", None)
+    if isinstance(ex, VersionMismatch) and hint:
+        # If-Match named no version by its form (`1` for `"1"`): say how to write it, not only
+        # that it is stale, which reads as nonsense when the bare number is the current version.
+        problem.description = problem.description.replace("read the record again, then retry", hint)
+    raise problem
 
 
 def _unexpected(req, resp, ex, params):

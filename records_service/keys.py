@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
 
@@ -42,6 +43,16 @@ def hash_secret(secret: str) -> str:
     one, and it keeps the check cheap on every request.
     """
     return hashlib.sha256(secret.encode("ascii")).hexdigest()
+
+
+# No secret hashes to it: the decoy never authenticates.
+_DECOY_SHA256 = secrets.token_hex(32)
+
+
+def _decoy_key() -> dict:
+    """A key as the store returns one, its JSON columns parsed as find_key parses a found row's."""
+    return {"secret_sha256": _DECOY_SHA256, "roles": json.loads('["read"]'), "clinics": json.loads('["C001"]'),
+            "revoked_at": None}
 
 
 def new_key() -> tuple[str, str]:
@@ -79,9 +90,13 @@ def authenticate(store, token: str) -> Principal:
         raise KeyRejected("malformed-key")
     key_id, secret = parsed
     key = store.find_key(key_id)
+    # An unknown key id is checked against a decoy, so that it costs what a wrong secret for a
+    # known id costs: the answer, and its Server-Timing, must not tell which key ids exist.
+    checked = key if key is not None else _decoy_key()
+    secret_matches = hmac.compare_digest(hash_secret(secret), checked["secret_sha256"])
     if key is None:
         raise KeyRejected("unknown-key", key_id)
-    if not hmac.compare_digest(hash_secret(secret), key["secret_sha256"]):
+    if not secret_matches:
         raise KeyRejected("wrong-secret", key_id)
     if key["revoked_at"] is not None:
         raise KeyRejected("revoked-key", key_id)

@@ -46,11 +46,30 @@ def versions_named(if_match: str | None) -> frozenset[int] | None:
 
 
 def required_versions(req: falcon.Request) -> frozenset[int]:
-    versions = versions_named(req.get_header("If-Match"))
+    """The versions If-Match names (428 without it); a value that names none by its form leaves
+    `req.context.if_match_hint` for the 412 it will get (errors: VersionMismatch)."""
+    if_match = req.get_header("If-Match")
+    versions = versions_named(if_match)
     if versions is None:
         raise Problem(428, "precondition-required",
                       'If-Match is required: send the ETag of the version you read, e.g. If-Match: "1"')
+    if not versions:
+        req.context.if_match_hint = if_match_hint(if_match)
     return versions
+
+
+def if_match_hint(if_match: str) -> str:
+    """Why an If-Match value names no version, said so that a client can fix it."""
+    parts = [part.strip() for part in if_match.split(",")]
+    bare = next((part for part in parts if _VERSION.fullmatch(part)), None)
+    if bare is not None:
+        return f'If-Match carries the version quoted, as the ETag does: If-Match: "{bare}", not {bare}'
+    if "*" in parts:
+        return 'If-Match: * is not accepted: name the version you read, e.g. If-Match: "1"'
+    weak = next((opaque for weak, opaque in _TAG_PARTS.findall(if_match) if weak and _VERSION.fullmatch(opaque)), None)
+    if weak is not None:
+        return f'a weak tag (W/"{weak}") never matches, If-Match compares strongly: send If-Match: "{weak}"'
+    return 'If-Match carries the ETag as it came, a quoted version such as "1"'
 
 
 def visible_record(store: Store, req: falcon.Request, test_id: str) -> Stored:

@@ -46,6 +46,7 @@ class RequestContext:
             duration_ms = round((time.perf_counter() - req.context.started) * 1000, 3)
             resp.set_header("X-Request-ID", req.context.request_id)
             resp.set_header("Server-Timing", f"app;dur={duration_ms}")
+            _allow_options_too(req, resp)
             log.info("request completed", extra={
                 "method": req.method, "path": req.path, "status": resp.status_code, "duration_ms": duration_ms,
                 "pid": os.getpid(),  # which worker served it
@@ -54,6 +55,14 @@ class RequestContext:
         finally:
             key_id_var.reset(req.context.key_log_token)
             request_id_var.reset(req.context.log_token)
+
+
+def _allow_options_too(req: falcon.Request, resp: falcon.Response) -> None:
+    """Falcon's own OPTIONS answer leaves OPTIONS out of its Allow, while its 405 lists it: make
+    the OPTIONS answer list it too, so both say the same."""
+    allow = resp.get_header("Allow")
+    if req.method == "OPTIONS" and resp.status_code == 200 and allow and "OPTIONS" not in allow.split(", "):
+        resp.set_header("Allow", f"{allow}, OPTIONS")
 
 
 class Authenticate:
@@ -112,7 +121,7 @@ class Authenticate:
             known = {"key_id": exc.key_id} if exc.key_id else {}
             access_log.warning("authentication failed",
                                extra={"reason": exc.reason, **known, "method": req.method, "path": req.path})
-            raise unauthorized(missing=exc.reason == "missing-key", browser=browser) from None
+            raise unauthorized(exc.reason, browser=browser) from None
 
 
 def presented_key(header: str | None, *, basic: bool) -> str:
@@ -125,6 +134,10 @@ def presented_key(header: str | None, *, basic: bool) -> str:
     value = value.strip()
     if scheme.lower() == "bearer" and value:
         return value
+    if not value and scheme.lower() not in ("bearer", "basic"):
+        raise KeyRejected("missing-scheme")  # a bare key, or one glued to its scheme
+    if scheme.lower() not in ("bearer", "basic") or (scheme.lower() == "basic" and not basic):
+        raise KeyRejected("unsupported-scheme")
     if basic and scheme.lower() == "basic" and value:
         try:
             user_password = base64.b64decode(value, validate=True).decode("utf-8")
@@ -136,15 +149,23 @@ def presented_key(header: str | None, *, basic: bool) -> str:
     raise KeyRejected("malformed-header")
 
 
-def unauthorized(*, missing: bool, browser: bool) -> Problem:
+_UNAUTHORIZED_DETAILS = {
+    "missing-key": "this endpoint needs an API key: send Authorization: Bearer <key>",
+    "missing-scheme": "the Authorization header has no scheme before the key: send Authorization: Bearer <key>",
+    "unsupported-scheme": "the Authorization scheme must be Bearer: send Authorization: Bearer <key>",
+}
+
+
+def unauthorized(reason: str, *, browser: bool) -> Problem:
     """401 with the challenge a client can answer: Basic for the dashboard (a browser then asks
-    for the key), Bearer for the API (RFC 6750: `invalid_token` once a key was presented)."""
+    for the key), Bearer for the API (RFC 6750: `invalid_token` once a key was presented), and
+    a detail that says what to fix in the header when its form is what is wrong."""
+    missing = reason == "missing-key"
     if browser:
         challenge = 'Basic realm="records_service"'
     else:
         challenge = "Bearer" if missing else 'Bearer error="invalid_token"'
-    detail = ("this endpoint needs an API key: send Authorization: Bearer <key>" if missing
-              else "the API key is not valid: it is malformed, unknown or revoked")
+    detail = _UNAUTHORIZED_DETAILS.get(reason, "the API key is not valid: it is malformed, unknown or revoked")
     if browser:
         detail += " (a browser may send the admin key as the password of HTTP Basic auth)"
     return Problem(401, "unauthorized", detail, title="Unauthorized", headers={"WWW-Authenticate": challenge})

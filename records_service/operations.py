@@ -68,11 +68,12 @@ class Dashboard:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         now = self._clock()
-        db, problem = None, None
+        db, problem, imports = None, None, ()
         try:
             db = self._store.dashboard_counts(
                 since_hour=dashboard.hour_key(now - timedelta(hours=dashboard.CHART_HOURS - 1)),
                 top_clinics=dashboard.TOP_CLINICS)
+            imports = tuple(self._store.import_runs())
         except StoreBusy:
             problem = "The database stayed locked past the busy bound; its figures are missing from this page."
         except StoreError as exc:
@@ -83,7 +84,7 @@ class Dashboard:
                                        started_at=datetime.fromtimestamp(self._runtime.started_at, timezone.utc),
                                        uptime_s=time.time() - self._runtime.started_at,
                                        pid=os.getpid(), db=db, db_problem=problem,
-                                       failures_total=failures_total, failures=failures)
+                                       failures_total=failures_total, failures=failures, imports=imports)
         # A page that cannot show the database says so with 503, so a monitor notices too.
         resp.status = falcon.HTTP_200 if db is not None else falcon.HTTP_503
         resp.content_type = HTML

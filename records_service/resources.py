@@ -26,22 +26,38 @@ def read_body(req: falcon.Request, limit: int, accepted: tuple[str, ...] = (JSON
     """The request body, refused (413) as soon as it is known to exceed `limit` bytes.
 
     A declared Content-Length over the limit is refused before anything is read; a chunked
-    body is read at most one byte past the limit.
+    body is read at most one byte past the limit. A body not in by the request's deadline
+    (body_deadline.BodyTimeout) is a 408.
     """
     kind = media_type(req)
     if kind not in accepted:
         raise Problem(415, "unsupported-media-type", f"Content-Type must be {' or '.join(accepted)} (got {kind or 'none'})")
-    if req.content_length is not None:
-        if req.content_length > limit:
-            raise _too_large(limit)
-        body = req.bounded_stream.read()
-    elif req.env.get("wsgi.input_terminated"):
-        body = req.stream.read(limit + 1)
-    else:
-        body = b""
+    if req.content_length is not None and req.content_length > limit:
+        raise _too_large(limit)
+    with req.context.body_deadline:
+        body = _read_stream(req, limit)
     if len(body) > limit:
         raise _too_large(limit)
     return body
+
+
+def _read_stream(req: falcon.Request, limit: int) -> bytes:
+    """Read the body the server hands over (at most `limit` + 1 bytes of a chunked one); 400 when
+    the server cannot decode it: a broken chunk size or terminator, or a body cut short."""
+    try:
+        if req.content_length is not None:
+            return req.bounded_stream.read()
+        if req.env.get("wsgi.input_terminated"):
+            return req.stream.read(limit + 1)
+        return b""
+    except Exception as exc:
+        # Deliberately broad: what a WSGI server raises for a body it cannot decode is its own
+        # (gunicorn: InvalidChunkSize, ChunkMissingTerminator, NoMoreData, ...), and nothing but
+        # the read is in this block. The server closes the connection after the answer.
+        log.info("request body unreadable", extra={"error": type(exc).__name__})
+        raise Problem(400, "unreadable-body", "the request body could not be read: its chunked encoding is broken"
+                      " or it ended before its end (a chunk size that is not hex, a missing CRLF or final 0 chunk)",
+                      title="Unreadable body") from None
 
 
 def media_type(req: falcon.Request) -> str:

@@ -132,24 +132,31 @@ def seed_rows(records: int, clinics: int, now: datetime, *, rng_seed: int | None
 
 
 class ProgressBar:
-    """A one-line progress bar redrawn in place on a terminal; silent anywhere else."""
+    """A one-line progress bar redrawn in place on a terminal; silent anywhere else. With no
+    `total` (an import does not know how many items will come) it shows the count and the rate."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, total: int | None, stream: TextIO = sys.stderr, clock: Callable[[], float] = time.perf_counter,
+                 unit: str = "records") -> None:
         self._total = total
         self._stream = stream
         self._clock = clock
+        self._unit = unit
         self._started = clock()
         self._shown = stream.isatty()
 
-    def update(self, done: int) -> None:
+    def update(self, done: int, note: str = "") -> None:
         if not self._shown:
             return
         elapsed = max(self._clock() - self._started, 1e-9)
         rate = done / elapsed
+        if self._total is None:
+            self._stream.write(f"\r{note}  {done:,} {self._unit}  {rate:,.0f} {self._unit}/s ")
+            self._stream.flush()
+            return
         filled = int(30 * done / self._total)
         eta = (self._total - done) / rate if rate else 0
         self._stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {100 * done / self._total:5.1f}% "
-                           f"{done:,}/{self._total:,}  {rate:,.0f} records/s  eta {eta:4.0f}s ")
+                           f"{done:,}/{self._total:,}  {rate:,.0f} {self._unit}/s  eta {eta:4.0f}s ")
         self._stream.flush()
 
     def close(self) -> None:

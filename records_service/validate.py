@@ -12,7 +12,7 @@ import math
 import re
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
-from typing import Any
+from typing import Any, Iterator
 
 ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:-]*$"
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*", re.ASCII)
@@ -61,6 +61,22 @@ class NonFinite:
         return self.literal
 
 
+class Unrepresentable:
+    """Stands in for a number that would not be stored as sent: a non-zero literal that a float
+    rounds to 0 (`1e-400`, `0.000…1` with a million zeros). Never echoes the literal."""
+
+
+_EXPONENT_RE = re.compile(r"[eE]")
+_NON_ZERO_DIGIT_RE = re.compile(r"[1-9]")
+
+
+def _parse_float(literal: str) -> float | Unrepresentable:
+    value = float(literal)
+    if value == 0.0 and _NON_ZERO_DIGIT_RE.search(_EXPONENT_RE.split(literal, 1)[0]):
+        return Unrepresentable()
+    return value
+
+
 class JSONObject(dict):
     """A parsed object that remembers keys it saw more than once (json keeps only the last)."""
 
@@ -75,53 +91,114 @@ def _object_pairs(pairs: list[tuple[str, Any]]) -> dict:
     return obj
 
 
-_decoder = json.JSONDecoder(object_pairs_hook=_object_pairs, parse_constant=NonFinite)
+_decoder = json.JSONDecoder(object_pairs_hook=_object_pairs, parse_constant=NonFinite, parse_float=_parse_float)
 
 
-def parse_json(body: bytes, what: str = "the body") -> Any:
-    """Decode UTF-8 JSON strictly; raise MalformedJSON with a client-safe message about `what`."""
+def _text(body: bytes, what: str) -> str:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MalformedJSON(f"{what} is not valid UTF-8 (byte {exc.start})") from None
     if not text.strip():
         raise MalformedJSON(f"{what} is empty; expected a JSON document")
+    return text
+
+
+def _malformed(exc: ValueError | RecursionError, what: str) -> MalformedJSON:
+    """The client-safe MalformedJSON for what the decoder raised."""
+    if isinstance(exc, json.JSONDecodeError):
+        return MalformedJSON(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+    if isinstance(exc, RecursionError):
+        return MalformedJSON(f"{what} is not acceptable JSON: nested too deeply")
+    # int() refuses numbers with thousands of digits (CPython's int_max_str_digits).
+    return MalformedJSON(f"{what} is not acceptable JSON: a number has too many digits")
+
+
+def parse_json(body: bytes, what: str = "the body") -> Any:
+    """Decode UTF-8 JSON strictly; raise MalformedJSON with a client-safe message about `what`."""
+    text = _text(body, what)
     try:
         return _decoder.decode(text)
-    except json.JSONDecodeError as exc:
-        raise MalformedJSON(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except RecursionError:
-        raise MalformedJSON(f"{what} is not acceptable JSON: nested too deeply") from None
-    except ValueError:
-        # int() refuses numbers with thousands of digits (CPython's int_max_str_digits).
-        raise MalformedJSON(f"{what} is not acceptable JSON: a number has too many digits") from None
+    except (ValueError, RecursionError) as exc:
+        raise _malformed(exc, what) from None
 
 
 class InvalidBatch(ValueError):
     """A batch body that parses but is not an array of records."""
 
 
-def parse_batch(body: bytes, ndjson: bool) -> list[Any]:
-    """The items of a batch body, in order.
+class TooManyRecords(ValueError):
+    """A batch with more records than the limit; raised before any record past it is parsed."""
 
-    NDJSON: one item per non-blank line, each parsed on its own; a line that does not parse
-    stands in the list as its MalformedJSON, so it fails that record and not the batch.
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the batch has more than {limit} records, the limit; nothing was stored")
+
+
+# The start of a line that is not blank (bytes.strip()'s whitespace), found without splitting
+# the body: a 16 MiB body of short lines split at once is millions of objects.
+_RECORD_LINE_RE = re.compile(rb"^[ \t\r\f\v]*[^ \t\r\f\v\n]", re.MULTILINE)
+_JSON_SPACE_RE = re.compile(r"[ \t\n\r]*")
+
+
+def parse_batch(body: bytes, ndjson: bool, max_records: int) -> Iterator[Any]:
+    """The items of a batch body, in order, parsed one at a time as they are consumed, so a
+    batch never holds more than one parsed item the caller has not kept.
+
+    The items are counted first (TooManyRecords past `max_records`, without going further).
+    NDJSON: one item per non-blank line; a line that does not parse is yielded as its
+    MalformedJSON, so it fails that record and not the batch.
     JSON: the items of the array; a body that does not parse raises MalformedJSON, one that is
     not an array InvalidBatch.
     """
     if not ndjson:
-        items = parse_json(body)
-        if not isinstance(items, list):
-            raise InvalidBatch("a JSON batch must be an array of records")
-        return items
-    items: list[Any] = []
-    for line in body.split(b"\n"):
-        if line.strip():
-            try:
-                items.append(parse_json(line, "the line"))
-            except MalformedJSON as exc:
-                items.append(exc)
-    return items
+        text = _text(body, "the body")
+        for count, _ in enumerate(_array_items(text, _counting_decoder), start=1):
+            if count > max_records:
+                raise TooManyRecords(max_records)
+        return _array_items(text, _decoder)
+    starts = []
+    for line in _RECORD_LINE_RE.finditer(body):
+        if len(starts) == max_records:
+            raise TooManyRecords(max_records)
+        starts.append(line.start())
+    return _lines(body, starts)
+
+
+def _lines(body: bytes, starts: list[int]) -> Iterator[Any]:
+    for start in starts:
+        end = body.find(b"\n", start)
+        try:
+            yield parse_json(body[start:end if end >= 0 else len(body)], "the line")
+        except MalformedJSON as exc:
+            yield exc
+
+
+# Only finds where the items of an array end: C-speed plain dicts, nothing kept.
+_counting_decoder = json.JSONDecoder()
+
+
+def _array_items(text: str, decoder: json.JSONDecoder) -> Iterator[Any]:
+    """The items of the JSON array `text`, decoded one by one."""
+    pos = _JSON_SPACE_RE.match(text).end()
+    if not text.startswith("[", pos):
+        raise InvalidBatch("a JSON batch must be an array of records")
+    pos = _JSON_SPACE_RE.match(text, pos + 1).end()
+    closed = text.startswith("]", pos)
+    while not closed:
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except (ValueError, RecursionError) as exc:
+            raise _malformed(exc, "the body") from None
+        yield item
+        pos = _JSON_SPACE_RE.match(text, pos).end()
+        closed = text.startswith("]", pos)
+        if not closed:
+            if not text.startswith(",", pos):
+                raise _malformed(json.JSONDecodeError("Expecting ',' delimiter", text, pos), "the body")
+            pos = _JSON_SPACE_RE.match(text, pos + 1).end()
+    pos = _JSON_SPACE_RE.match(text, pos + 1).end()
+    if pos != len(text):
+        raise _malformed(json.JSONDecodeError("Extra data", text, pos), "the body")
 
 
 def _error(field: str | None, message: str) -> FieldError:
@@ -169,6 +246,8 @@ def _check_result(value: Any) -> str | None:
         return "must be a number or a string, not a boolean"
     if isinstance(value, NonFinite):
         return f"must be a finite number ({value.literal} is not allowed)"
+    if isinstance(value, Unrepresentable):
+        return "must be a number that can be stored as sent: this one is not zero but is too small, it would be stored as 0"
     if isinstance(value, int):
         return None
     if isinstance(value, float):
@@ -353,6 +432,8 @@ FILTERS = ("patient_id", "test_type", "status", "collected_from", "collected_to"
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 _DIGITS_RE = re.compile(r"[0-9]{1,7}", re.ASCII)
+# What `+05:30` becomes when a client leaves the + unencoded in a query string.
+_UNENCODED_PLUS_RE = re.compile(r"[0-9] [0-9]{2}(:?[0-9]{2})?$", re.ASCII)
 
 
 def _check_filter(name: str, value: str) -> tuple[str | None, str | None]:
@@ -369,6 +450,10 @@ def _check_filter(name: str, value: str) -> tuple[str | None, str | None]:
     if name == "status":
         return (value, None) if value in FILTER_STATUSES else (None, f"must be one of {', '.join(FILTER_STATUSES)}")
     _, normalised, problem = _parse_instant(value)
+    if problem:
+        problem += f" (got {value[:64]!r}{'...' if len(value) > 64 else ''})"
+        if _UNENCODED_PLUS_RE.search(value):
+            problem += "; a + left unencoded in a URL arrives as a space: write the offset's + as %2B"
     return normalised, problem
 
 

@@ -15,7 +15,7 @@ import json
 import secrets
 import sqlite3
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -107,6 +107,11 @@ ROUTES: dict[tuple[str, str], RouteCase] = {
         "read", lambda t: Call("GET", f"/tests/{t.test_id}/history"), 200, other=404),
     ("/audit/{request_id}", "GET"): RouteCase("admin", lambda t: Call("GET", f"/audit/{t.request_id}"), 200),
 }
+# API.md: every GET route also answers HEAD, with what GET needs and answers (see HeadLikeGet).
+ROUTES.update({
+    (template, "HEAD"): replace(case, build=lambda t, build=case.build: replace(build(t), method="HEAD"))
+    for (template, method), case in list(ROUTES.items()) if method == "GET"
+})
 
 
 def bearer(token: str) -> dict:
@@ -216,11 +221,40 @@ def with_wrong_secret(token: str) -> str:
     return f"rs_{key_id}_{secrets.token_urlsafe(32)}"
 
 
+@dataclass
+class HeadLikeGet:
+    """Sends each HEAD call as HEAD and again as GET, notes where HEAD answers differently (a
+    status or header other than GET's, or a body), and hands back GET's answer to be judged."""
+    sender: Sender
+    problems: list[str]
+
+    @property
+    def db_path(self) -> Path:
+        return self.sender.db_path
+
+    def send(self, call: Call) -> Response:
+        if call.method != "HEAD":
+            return self.sender.send(call)
+        head = self.sender.send(call)
+        get = self.sender.send(replace(call, method="GET"))
+        # Framing is left out: a refusal's detail names the method it refuses (Content-Length), and
+        # gunicorn frames no body for HEAD (no Transfer-Encoding: chunked), as RFC 9110 9.3.2 allows.
+        volatile = {"x-request-id", "server-timing", "date", "content-length", "transfer-encoding"}
+        if (head.status, head.body) != (get.status, b"") or \
+                {k: v for k, v in head.headers.items() if k not in volatile} != \
+                {k: v for k, v in get.headers.items() if k not in volatile}:
+            self.problems.append(f"HEAD {call.path}: {head.status} {head.headers} {head.body[:100]!r} where GET"
+                                 f" answers {get.status} {get.headers}")
+        return get
+
+
 def check_route(sender: Sender, keys: Keys, template: str, method: str) -> list[str]:
     """Every scenario for one route; returns what went wrong, as readable lines."""
     case = ROUTES[(template, method)]
     browser = template == "/"
     problems: list[str] = []
+    if method == "HEAD":
+        sender = HeadLikeGet(sender, problems)
 
     def run(headers: dict) -> tuple[Target, Response, dict]:
         target = seed(sender, keys)

@@ -8,7 +8,7 @@ import pytest
 
 from records_service.app import create_app
 from records_service.config import Settings
-from tests.live import ExistingPostgres, PostgresCluster, RawDatabase, Server
+from tests.live import ExistingPostgres, Nginx, PostgresCluster, RawDatabase, Server
 
 
 class Clock:
@@ -109,3 +109,19 @@ def start_server(tmp_path, database_url):
     yield start
     for server in servers:
         server.kill()
+
+
+@pytest.fixture
+def start_nginx(tmp_path):
+    """Start Debian's nginx with deploy/nginx.conf in front of upstreams ("host:port" each);
+    every one is stopped afterwards."""
+    proxies: list[Nginx] = []
+
+    def start(upstreams: list[str], **overrides: str) -> Nginx:
+        proxy = Nginx(tmp_path / f"nginx-{len(proxies)}", upstreams, overrides)
+        proxies.append(proxy)
+        return proxy.start()
+
+    yield start
+    for proxy in proxies:
+        proxy.stop()

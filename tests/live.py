@@ -6,7 +6,9 @@ import glob
 import http.client
 import json
 import os
+import pty
 import re
+import select
 import shutil
 import signal
 import socket
@@ -68,6 +70,27 @@ def run_cli(db_path: Path, *args: str, timeout: float = 60, database_url: str | 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def on_a_terminal(run: Callable[[int], subprocess.CompletedProcess]) -> tuple[subprocess.CompletedProcess, bytes]:
+    """Call `run` with the descriptor of a pseudo-terminal to write to (a command's standard error):
+    what it returned, and everything the terminal was shown."""
+    master, slave = pty.openpty()
+    try:
+        done = run(slave)
+        os.close(slave)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the pty is drained once its other side is closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+    return done, shown
+
+
 @dataclass
 class Response:
     status: int
@@ -106,17 +129,33 @@ class Server:
 
     def start(self, deadline_s: float = 20) -> "Server":
         self.port = free_port()
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self._command(), cwd=self.log_path.parent, env=self._env(), stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_until_serving(deadline_s)
+        return self
+
+    def _command(self) -> list[str]:
+        return [GUNICORN, "-c", str(REPO / "gunicorn.conf.py"), "-b", f"127.0.0.1:{self.port}", "-w", str(self.workers)]
+
+    def _env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if k != "RECORDS_DATABASE_URL"}
         env.update({"RECORDS_DB_PATH": str(self.db_path), "RECORDS_AUTH": "disabled", **self.env})
         if self.database_url:
             env["RECORDS_DATABASE_URL"] = self.database_url
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [GUNICORN, "-c", str(REPO / "gunicorn.conf.py"), "-b", f"127.0.0.1:{self.port}", "-w", str(self.workers)],
-            cwd=self.log_path.parent, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        self.wait_until_serving(deadline_s)
-        return self
+        return env
+
+    def setting(self, name: str) -> str:
+        """The value gunicorn uses for one of its settings with this server's config and options."""
+        out = subprocess.run([*self._command(), "--print-config"], cwd=self.log_path.parent, env=self._env(),
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        match = re.search(rf"^{name}\s*=\s*(.*)$", out, re.MULTILINE)
+        assert match, f"gunicorn --print-config shows no {name}"
+        return match.group(1).strip()
+
+    def request_slots(self) -> int:
+        """How many requests this server reads at once: workers x threads per worker."""
+        return int(self.setting("workers")) * int(self.setting("threads"))
 
     def wait_until_serving(self, deadline_s: float) -> None:
         deadline = time.monotonic() + deadline_s
@@ -167,11 +206,86 @@ class Server:
         return self.proc.returncode
 
     def kill(self) -> None:
-        """SIGKILL the whole process group: master and every worker, no chance to clean up."""
+        """SIGKILL the whole process group: master and every worker, no chance to clean up.
+
+        Returns once the port refuses connections: a worker that outlives the master for a moment
+        still holds the listening socket, and a client (nginx) would connect to a dying server.
+        """
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                except OSError:
+                    break
+                time.sleep(0.01)
         self._log.close()
+
+
+def damage_pages_holding(db_path: Path, marker: bytes) -> int:
+    """Overwrite every page of a closed SQLite file that holds `marker` with 0xFF bytes, as a
+    failing disk would: reading those pages is then a real SQLITE_CORRUPT ("database disk image
+    is malformed"), and every other page reads as before. Returns how many pages were hit."""
+    conn = sqlite3.connect(db_path)
+    try:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    finally:
+        conn.close()
+    data = bytearray(Path(db_path).read_bytes())
+    pages = set()
+    at = data.find(marker)
+    while at >= 0:
+        pages.add(at // page_size)
+        at = data.find(marker, at + 1)
+    for page in pages:
+        data[page * page_size:(page + 1) * page_size] = b"\xff" * page_size
+    Path(db_path).write_bytes(bytes(data))
+    return len(pages)
+
+
+def anon_kib(pid: int) -> int:
+    """A process's anonymous memory now (Pss_Anon, else Anonymous, of /proc/PID/smaps_rollup), in KiB:
+    what its heap costs, unlike VmHWM, which a peak long past keeps high."""
+    fields = {}
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            name, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                fields[name] = int(rest.split()[0])
+    return fields.get("Pss_Anon", fields.get("Anonymous", 0))
+
+
+class AnonPeak:
+    """The peak anonymous memory of a process during a block, sampled every few milliseconds:
+    `base` before, `peak` the largest seen (a process that dies stops the sampling)."""
+
+    def __init__(self, pid: int, every_s: float = 0.005) -> None:
+        self.pid, self._every_s = pid, every_s
+        self.base = self.peak = anon_kib(pid)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            try:
+                self.peak = max(self.peak, anon_kib(self.pid))
+            except OSError:
+                return
+            time.sleep(self._every_s)
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak - self.base) / 1024
+
+    def __enter__(self) -> "AnonPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 class Writers:
@@ -356,3 +470,172 @@ def admin(url: str, *statements: str) -> list:
             cursor = conn.execute(statement)
             rows = cursor.fetchall() if cursor.description else []
         return rows
+NGINX_CONF = REPO / "deploy" / "nginx.conf"
+
+
+def render_nginx_conf(directory: Path, port: int, upstreams: list[str], **overrides: str) -> Path:
+    """deploy/nginx.conf as a test runs it, written into `directory`.
+
+    Only what a test must change is changed, each line replaced exactly (so an edit of one of
+    these lines in the shipped file fails here instead of going untested): the listen port, the
+    upstream `server` lines (`host:port` each), the user (the one running the tests) and the
+    paths (inside `directory`). `overrides` replaces the value of other directives, for tests
+    that provoke a timeout or a limit quickly (e.g. proxy_read_timeout="1s").
+    """
+    import grp
+    import pwd
+
+    text = NGINX_CONF.read_text()
+    user = pwd.getpwuid(os.getuid()).pw_name
+    group = grp.getgrgid(os.getgid()).gr_name
+    replacements = {
+        "user www-data;": f"user {user} {group};",
+        "pid /run/nginx.pid;": f"pid {directory}/nginx.pid;",
+        "error_log /var/log/nginx/error.log warn;": f"error_log {directory}/error.log info;",
+        "access_log /var/log/nginx/access.log records_service;": f"access_log {directory}/access.log records_service;",
+        "client_body_temp_path /var/lib/nginx/body;": f"client_body_temp_path {directory}/body;",
+        "proxy_temp_path /var/lib/nginx/proxy;": f"proxy_temp_path {directory}/proxy;",
+        "listen 80 default_server;": f"listen 127.0.0.1:{port} default_server;",
+        "server 127.0.0.1:8000 max_fails=1 fail_timeout=5s;":
+            " ".join(f"server {u} max_fails=1 fail_timeout=5s;" for u in upstreams),
+    }
+    for directive, value in overrides.items():
+        found = re.findall(rf"^\s*{directive} [^;]*;", text, re.MULTILINE)
+        assert len(found) == 1, f"{directive} appears {len(found)} times in {NGINX_CONF}"
+        replacements[found[0].strip()] = f"{directive} {value};"
+    for line, replacement in replacements.items():
+        assert text.count(line) == 1, f"{NGINX_CONF} no longer has exactly one {line!r}"
+        text = text.replace(line, replacement)
+    rendered = directory / "nginx.conf"
+    rendered.write_text(text)
+    return rendered
+
+
+@dataclass
+class Nginx:
+    """Debian's nginx running deploy/nginx.conf in the foreground, in front of `upstreams`."""
+
+    directory: Path
+    upstreams: list[str]
+    overrides: dict = field(default_factory=dict)
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    def start(self, deadline_s: float = 10) -> "Nginx":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        conf = render_nginx_conf(self.directory, self.port, self.upstreams, **self.overrides)
+        self.proc = subprocess.Popen([debian_command("nginx", "nginx-light"), "-c", str(conf), "-p", str(self.directory), "-g", "daemon off;"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nginx exited with {self.proc.returncode}:\n{self.error_log()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise AssertionError(f"nginx did not listen on port {self.port} within {deadline_s}s:\n{self.error_log()}")
+
+    def request(self, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 30) -> Response:
+        return request(self.port, method, path, body, headers, timeout)
+
+    def error_log(self) -> str:
+        path = self.directory / "error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def access_log(self) -> list[dict]:
+        """nginx's access log, one JSON object a line; a line that is not JSON fails the test."""
+        path = self.directory / "access.log"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def stop(self) -> None:
+        """SIGKILL the master and its workers (their own process group)."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+class SlowClients:
+    """`count` raw connections to `port` that each send `head` at once, then one byte of `body`
+    every `interval` seconds (a client on a very slow link, or a deliberate attacker), for as
+    long as the block lasts or until the server answers or closes.
+
+    `answers` holds what each connection got back (b"" for a connection closed unanswered);
+    a connection still sending when the block ends is left out of it.
+    """
+
+    def __init__(self, port: int, head: bytes, body: bytes, count: int, interval: float = 1.0) -> None:
+        self.answers: list[bytes] = []
+        self._port, self._head, self._body, self._interval = port, head, body, interval
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._dribble) for _ in range(count)]
+        self._lock = threading.Lock()
+        self.started = threading.Barrier(count + 1)
+
+    def _dribble(self) -> None:
+        with socket.create_connection(("127.0.0.1", self._port), timeout=5) as sock:
+            sock.sendall(self._head)
+            self.started.wait()
+            for byte in self._body:
+                readable, _, _ = select.select([sock], [], [], self._interval)
+                if readable or self._stop.is_set():
+                    break
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    break
+            if self._stop.is_set():
+                return
+            answer = read_until_closed(sock, tolerate=(OSError,))
+            with self._lock:
+                self.answers.append(answer)
+
+    def __enter__(self) -> "SlowClients":
+        for t in self._threads:
+            t.start()
+        self.started.wait()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def wait(self, deadline_s: float) -> None:
+        """Until every connection was answered or closed."""
+        end = time.monotonic() + deadline_s
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
+        assert not any(t.is_alive() for t in self._threads), f"slow clients still sending after {deadline_s}s"
+
+
+def send_raw(port: int, data: bytes, timeout: float) -> tuple[bytes, float]:
+    """Send `data` on a fresh connection, then read until the server closes it or `timeout`:
+    (what came back, seconds until the server closed the connection or the read failed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        started = time.monotonic()
+        answer = read_until_closed(sock)
+        return answer, time.monotonic() - started
+
+
+def read_until_closed(sock: socket.socket, tolerate: tuple[type[OSError], ...] = (ConnectionResetError,)) -> bytes:
+    """Everything the peer sends until it closes the connection (or one of `tolerate` is raised)."""
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except tolerate:
+        pass
+    return answer
+
+
+def parse_raw_response(raw: bytes) -> Response:
+    """A response as read off the wire by send_raw (Content-Length framed)."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return Response(int(status_line.split()[1]), headers, body)

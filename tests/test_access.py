@@ -163,9 +163,11 @@ def test_the_api_takes_no_basic_auth(sender, keys):
     ("   ", False, "missing-key"),
     ("Bearer", False, "malformed-header"),
     ("Bearer ", False, "malformed-header"),
-    ("Bearerrs_x", False, "malformed-header"),
-    ("Token abc", False, "malformed-header"),
-    ("Basic YWRtaW46cGFzcw==", False, "malformed-header"),  # Basic only where a browser is expected
+    ("Bearerrs_x", False, "missing-scheme"),
+    ("rs_0123456789abcdef_" + "a" * 43, False, "missing-scheme"),
+    ("Token abc", False, "unsupported-scheme"),
+    ("Basic YWRtaW46cGFzcw==", False, "unsupported-scheme"),  # Basic only where a browser is expected
+    ("Basic", True, "malformed-header"),
     ("Basic !!!", True, "malformed-header"),
     ("Basic bm9jb2xvbg==", True, "malformed-header"),  # "nocolon"
     ("Basic /w==", True, "malformed-header"),  # not UTF-8
@@ -174,6 +176,19 @@ def test_a_missing_or_malformed_authorization_header_is_rejected_with_its_reason
     with pytest.raises(KeyRejected) as rejected:
         presented_key(header, basic=basic_ok)
     assert (rejected.value.reason, rejected.value.key_id) == (reason, None)
+
+
+@pytest.mark.parametrize("header, says", [
+    ("KEY", "has no scheme before the key: send Authorization: Bearer <key>"),
+    ("Token KEY", "the Authorization scheme must be Bearer"),
+    ("Bearer rs_0123456789abcdef_" + "a" * 43, "the API key is not valid"),
+    (None, "needs an API key: send Authorization: Bearer <key>"),
+])
+def test_a_401_says_what_to_fix_in_the_authorization_header(sender, keys, header, says):
+    headers = {} if header is None else {"Authorization": header.replace("KEY", keys.admin)}
+    resp = sender.send(Call("GET", f"/tests?clinic_id={CLINIC}", headers=headers))
+    assert resp.status == 401 and says in resp.json()["detail"]
+    assert keys.admin not in resp.body.decode() and keys.admin.split("_")[2] not in resp.body.decode()
 
 
 @pytest.mark.parametrize("header, basic_ok, key", [

@@ -111,6 +111,14 @@ def test_duplicate_keys_non_finite_numbers_and_non_objects_are_400(client, raw):
     assert_problem(post(client, raw), 400)
 
 
+@pytest.mark.parametrize("result", [b"1e-400", b"0." + b"0" * 1_000_000 + b"1"])
+def test_a_number_that_would_be_stored_as_zero_is_400_naming_result(client, record, result):
+    raw = json.dumps({**record, "result": "RESULT"}).encode().replace(b'"RESULT"', result)
+    body = assert_problem(post(client, raw), 400)
+    assert [e["field"] for e in body["errors"]] == ["result"]
+    assert client.simulate_get(f"/tests/{record['test_id']}").status_code == 404
+
+
 @pytest.mark.parametrize("raw", [b"", b"{", b"\xff", b"[" * 100_000, b'{"a":' * 100_000, b"9" * 10_000])
 def test_malformed_or_hostile_json_is_400_not_a_crash(client, raw):
     body = assert_problem(post(client, raw), 400)
@@ -150,6 +158,33 @@ def test_a_body_at_the_limit_is_accepted_and_one_byte_more_is_413(tmp_path, reco
 
 def test_unknown_paths_are_404_problems(client):
     assert_problem(client.simulate_get("/nowhere"), 404)
+
+
+@pytest.mark.parametrize("path", [
+    "/", "/health", "/ready", "/openapi.json", "/tests?clinic_id=C001", "/tests/_export?clinic_id=C001",
+    "/tests/_stats?clinic_id=C001", "/tests/T-0001", "/tests/T-0001/history", "/audit/first", "/tests?clinic_id=a%20b",
+    "/tests/nope", "/tests/nope/history",
+])
+def test_every_get_route_answers_head_with_the_same_status_and_headers_and_no_body(client, record, path):
+    assert post(client, record, {"X-Request-ID": "first"}).status_code == 201
+    path, _, query = path.partition("?")
+    get = client.simulate_get(path, query_string=query)
+    head = client.simulate_head(path, query_string=query)
+    volatile = {"x-request-id", "server-timing"}
+    assert head.status_code == get.status_code
+    assert {k: v for k, v in head.headers.items() if k not in volatile} == \
+        {k: v for k, v in get.headers.items() if k not in volatile}
+    assert head.content == b""
+
+
+@pytest.mark.parametrize("path", ["/", "/health", "/ready", "/openapi.json", "/tests", "/tests/_batch",
+                                  "/tests/_export", "/tests/_stats", "/tests/T-1", "/tests/T-1/history", "/audit/r"])
+def test_options_and_a_405_list_the_same_methods_in_allow(client, path):
+    options = client.simulate_options(path)
+    refused = client.simulate_request("PATCH", path)
+    assert options.status_code == 200 and refused.status_code == 405
+    assert options.headers["allow"] == refused.headers["allow"]
+    assert "OPTIONS" in options.headers["allow"].split(", ")
 
 
 @pytest.mark.parametrize("method", ["DELETE", "PUT", "PATCH"])

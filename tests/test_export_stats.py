@@ -6,14 +6,19 @@ import io
 import json
 import logging
 import random
+import sqlite3
 from datetime import datetime, timezone
 
+import falcon.testing
 import pytest
 
+from records_service.app import create_app
 from records_service.store import open_store
+from records_service.store.sqlite import SQLiteStore as Store
 from records_service.validate import client_fields, timestamp_from_sort_key
 from records_service.logs import JsonFormatter
 from records_service.seed import seed_rows
+from tests.live import damage_pages_holding
 from tests.test_api import assert_problem
 from tests.test_listing import ingest, make, varied  # noqa: F401  (fixture)
 
@@ -85,6 +90,31 @@ def test_export_logs_its_own_completion_under_the_request_id(varied):
     done = [line for line in logged if line["message"] == "export completed"]
     assert len(done) == 1
     assert done[0]["request_id"] == "exp-1" and done[0]["count"] == 8 and done[0]["duration_ms"] >= 0
+
+
+def seeded_then_damaged(db_path, records: int, damaged_at: int) -> None:
+    """A database of `records` seed records of clinic C0001, closed, then the pages holding the
+    record at position `damaged_at` of its export overwritten (tests.live.damage_pages_holding)."""
+    store = Store(str(db_path))
+    for _ in store.bulk_insert(seed_rows(records, 1, datetime.now(timezone.utc), rng_seed=7)):
+        pass
+    store.close()
+    with sqlite3.connect(db_path) as conn:
+        doc = conn.execute("SELECT doc FROM records ORDER BY seq LIMIT 1 OFFSET ?", (damaged_at,)).fetchone()[0]
+    conn.close()
+    assert damage_pages_holding(db_path, doc.encode()) >= 1
+
+
+def test_a_database_error_before_the_first_byte_of_an_export_is_a_problem_not_a_broken_stream(
+        settings, clock, caplog):
+    caplog.set_level("INFO")
+    seeded_then_damaged(settings.db_path, 3000, damaged_at=500)  # inside the first chunk, past its first row
+    client = falcon.testing.TestClient(create_app(settings, clock=clock))
+    resp = client.simulate_get("/tests/_export", params={"clinic_id": "C0001"}, headers={"X-Request-ID": "exp-broken"})
+    body = assert_problem(resp, 503)  # the store's StoreCorrupt, as for any other read
+    assert body["request_id"] == "exp-broken" and "malformed" not in resp.text
+    done = [r for r in caplog.records if r.getMessage() == "request completed"]
+    assert [r.status for r in done] == [503]
 
 
 @pytest.mark.both_engines

@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.client
 import json
 import signal
+import socket
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -201,3 +203,38 @@ def test_a_chunked_body_over_the_limit_is_413(start_server):
                  headers={"Content-Type": "application/json"}, encode_chunked=True)
     assert conn.getresponse().status == 413
     assert request(server.port, "GET", "/health").status == 200
+
+
+def _raw_exchange(port: int, head: bytes, body: bytes, half_close: bool = True) -> bytes:
+    """Send a request byte for byte (half-closing after it, as a client that has nothing more
+    to say), and read the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(head + body)
+        if half_close:
+            client.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize("path", ["/tests", "/tests/_batch"])
+@pytest.mark.parametrize("name, chunks", [
+    ("zz as a chunk size", b"zz\r\n{}\r\n0\r\n\r\n"),
+    ("no final 0 chunk", b"2\r\n{}\r\n"),
+    ("a chunk shorter than its size", b"10\r\n{}"),
+    ("no CRLF after a chunk", b"2\r\n{}XX0\r\n\r\n"),
+])
+def test_a_broken_chunked_body_is_400_problem_not_500(start_server, path, name, chunks):
+    server = start_server(workers=1)
+    answer = _raw_exchange(server.port, f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                        f"Transfer-Encoding: chunked\r\nX-Request-ID: broken-chunks\r\n\r\n".encode(),
+                           chunks)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    assert b"application/problem+json" in head
+    problem = json.loads(body)
+    assert problem["status"] == 400 and problem["request_id"] == "broken-chunks"
+    assert "chunk" in problem["detail"]
+    assert request(server.port, "GET", "/health").status == 200
+    assert clinic_ids(server, "C001") == []

@@ -116,6 +116,20 @@ class TestCorrect:
         assert history(client, "T-0001")[-1] == corrected
         assert client.simulate_get("/tests/T-0001").json == corrected
 
+    @pytest.mark.parametrize("if_match, says", [
+        ("2", 'If-Match: "2", not 2'),
+        ("1, 2", 'If-Match: "1", not 1'),
+        ("*", "If-Match: * is not accepted"),
+        ('W/"2"', 'a weak tag (W/"2") never matches'),
+        ("v2", "a quoted version"),
+        ('"1"', "read the record again, then retry"),  # well formed, only stale
+    ])
+    def test_a_412_says_how_to_write_if_match_when_its_form_names_no_version(
+            self, client, record, corrected, if_match, says):
+        body = assert_problem(put(client, "T-0001", {**record, "result": 7.7}, if_match), 412)
+        assert says in body["detail"]
+        assert says in assert_problem(delete(client, "T-0001", if_match), 412)["detail"]
+
     @pytest.mark.parametrize("if_match", ['"2"', ' "2" ', '"1", "2"', 'W/"1", "2"', '"x,y", "2"'])
     def test_a_strong_tag_naming_the_current_version_matches_alone_or_in_a_list(
             self, client, record, corrected, if_match):

@@ -146,6 +146,22 @@ def test_bad_parameters_are_400_naming_them(client, query, names):
 
 
 @pytest.mark.both_engines
+@pytest.mark.parametrize("query, got", [
+    ("collected_to=2025-01-01T00:00:00+05:30", "'2025-01-01T00:00:00 05:30'"),
+    ("collected_from=2025-01-01T00:00:00.5+0530", "'2025-01-01T00:00:00.5 0530'"),
+    ("collected_from=2025-01-01T00:00:00%2005", "'2025-01-01T00:00:00 05'"),
+])
+def test_a_plus_left_unencoded_is_shown_as_it_arrived_with_a_hint_at_2b(client, query, got):
+    body = assert_problem(client.simulate_get("/tests", query_string="clinic_id=C1&" + query), 400)
+    message = body["errors"][0]["message"]
+    assert f"(got {got})" in message and "%2B" in message and message in body["detail"]
+
+
+def test_a_bad_time_filter_shows_what_arrived_without_a_plus_hint(client):
+    body = assert_problem(client.simulate_get("/tests", query_string="clinic_id=C1&collected_to=yesterday"), 400)
+    assert "(got 'yesterday')" in body["errors"][0]["message"] and "%2B" not in body["detail"]
+
+
 def test_pages_follow_next_links_to_the_end_and_the_last_has_none(client):
     ingest(client, [make(f"t{i:02d}") for i in range(7)])
     seen, sizes = walk(client, "clinic_id=C1&limit=3")

@@ -12,8 +12,12 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
 from records_service.seed import seed_rows
 from records_service.store.sqlite import SQLiteStore as Store
+from tests.live import AnonPeak
+from tests.test_export_stats import seeded_then_damaged
 from tests.test_gunicorn import make_record
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -81,34 +85,6 @@ def test_walking_next_links_while_another_thread_ingests_returns_every_earlier_r
     assert all(test_id.startswith("new-") for test_id in seen[len(before):])
 
 
-def _anonymous_kib(pid: int) -> int:
-    """The worker's own memory: its anonymous pages (smaps_rollup), not VmHWM, which also counts
-    pages of a memory-mapped database file, page cache shared with every process."""
-    with open(f"/proc/{pid}/smaps_rollup") as rollup:
-        return int(re.search(r"^Anonymous:\s+(\d+) kB$", rollup.read(), re.M).group(1))
-
-
-class AnonymousPeak:
-    """The largest anonymous memory of `pid` seen while the block runs, sampled every 5 ms."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.kib = pid, _anonymous_kib(pid)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.kib = max(self.kib, _anonymous_kib(self.pid))
-
-    def __enter__(self) -> "AnonymousPeak":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def _export(server, query: str) -> tuple[int, int]:
     """Stream an export; (lines, bytes), checking every line ends in a newline and is a record."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
@@ -150,15 +126,15 @@ def test_an_export_of_200000_records_runs_in_the_memory_of_one_of_20000(start_se
 
     server = start_server(workers=1, db_path=db)
     worker = server.worker_pids()[0]
-    with AnonymousPeak(worker) as small_peak:
+    with AnonPeak(worker) as small_peak:
         assert _export(server, window)[0] == small
-    with AnonymousPeak(worker) as large_peak:
+    with AnonPeak(worker) as large_peak:
         count, size = _export(server, "clinic_id=C0001")
 
     assert count == 200_000
     assert server.worker_pids() == [worker]
     # Ten times the records (here ~70 MB of NDJSON) and the worker's own memory stays put.
-    growth_kib = large_peak.kib - small_peak.kib
+    growth_kib = large_peak.peak - small_peak.peak
     assert growth_kib < 4 * 1024, f"anonymous memory grew by {growth_kib} KiB while exporting {size:,} bytes"
     done = [line for line in server.log_lines() if line["message"] == "export completed"]
     assert [line["count"] for line in done] == [small, 200_000]
@@ -188,3 +164,68 @@ def test_a_client_that_hangs_up_mid_export_leaves_the_worker_serving(start_serve
     # The same worker reads and writes on: its cursor was closed, no transaction left open.
     assert server.request("POST", "/tests", make_record("after-hang-up", "C0001")).status == 201
     assert sum(1 for line in server.request("GET", "/tests/_export?clinic_id=C0001").body.splitlines()) == 40_001
+
+
+@pytest.mark.parametrize("content_type, body", [
+    ("application/x-ndjson", b"{}\n" * (16 * 1024 * 1024 // 3)),
+    ("application/json", b"[" + b"{}," * (16 * 1024 * 1024 // 3 - 1) + b"{}]"),
+])
+def test_a_16_mib_batch_of_empty_records_is_413_at_once_in_bounded_memory(start_server, content_type, body):
+    server = start_server(workers=1)
+    worker = server.worker_pids()[0]
+    with AnonPeak(worker) as memory:
+        started = time.monotonic()
+        resp = server.request("POST", "/tests/_batch", body, {"Content-Type": content_type}, timeout=120)
+        seconds = time.monotonic() - started
+    assert resp.status == 413 and resp.json()["type"].endswith("too-many-records"), resp.body[:300]
+    assert server.worker_pids() == [worker]
+    # Counted before parsing: the body is read and counted, never parsed into millions of
+    # objects (that took ~900 MiB and 8-30 s). Generous bounds: the body itself is 16 MiB.
+    assert memory.growth_mib < 96, f"the worker's anonymous memory grew by {memory.growth_mib:.0f} MiB"
+    assert seconds < 5
+    assert server.request("GET", "/tests?clinic_id=C001").json() == []
+
+
+def _chunked_exchange(port: int, path: str, request_id: str) -> tuple[bytes, bytes, bool]:
+    """GET over a raw socket, read to EOF: (status and headers, the decoded body, whether the
+    body ended with its terminating 0 chunk)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        client.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Request-ID: {request_id}\r\n\r\n".encode())
+        raw = b""
+        while data := client.recv(1 << 16):
+            raw += data
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    body = b""
+    while b"\r\n" in rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return head, body, rest == b"\r\n"
+        if len(rest) < size + 2:
+            break
+        body, rest = body + rest[:size], rest[size + 2:]
+    return head, body, False
+
+
+def test_a_database_error_mid_export_aborts_the_stream_and_is_logged_as_failed(start_server, tmp_path):
+    db = tmp_path / "damaged.db"
+    seeded_then_damaged(db, 20_000, damaged_at=5_500)
+    server = start_server(workers=1, db_path=db)
+    worker = server.worker_pids()[0]
+
+    head, body, terminated = _chunked_exchange(server.port, "/tests/_export?clinic_id=C0001", "exp-midway")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding: chunked" in head.lower()
+    assert not terminated, "a stream cut by a database error ended like a complete one"
+    # Every chunk before the damaged page arrived whole: 1,000-record chunks, the 6th broken.
+    assert body.endswith(b"\n") and body.count(b"\n") == 5_000
+    with pytest.raises(http.client.IncompleteRead):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("GET", "/tests/_export?clinic_id=C0001")
+        conn.getresponse().read()
+
+    lines = [line for line in server.log_lines() if line.get("request_id") == "exp-midway"]
+    failed = [line for line in lines if line["message"] == "export failed"]
+    assert len(failed) == 1 and failed[0]["level"] == "ERROR"
+    assert failed[0]["count"] == 5_000 and "malformed" in failed[0]["error"]
+    assert server.worker_pids() == [worker]
+    assert server.request("GET", "/health").status == 200

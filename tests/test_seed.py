@@ -6,7 +6,6 @@ import fcntl
 import io
 import json
 import os
-import pty
 import sqlite3
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from records_service.store.sqlite.migrations import SCHEMA_VERSION
 from records_service.__main__ import main
 from records_service.seed import ProgressBar, clinic_ids, seed_rows
 from records_service.validate import client_fields, validate_record
-from tests.live import REPO
+from tests.live import REPO, on_a_terminal
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, 987654, tzinfo=timezone.utc)
 
@@ -124,21 +123,7 @@ def _seed_process(tmp_path, stderr) -> subprocess.CompletedProcess | subprocess.
 
 
 def test_the_command_shows_the_bar_on_a_terminal_and_not_in_a_pipe(tmp_path):
-    master, slave = pty.openpty()
-    try:
-        done = _seed_process(tmp_path, slave)
-        os.close(slave)
-        shown = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the pty is drained once its other side is closed
-                break
-            if not chunk:
-                break
-            shown += chunk
-    finally:
-        os.close(master)
+    done, shown = on_a_terminal(lambda terminal: _seed_process(tmp_path, terminal))
     assert done.returncode == 0
     assert b"\r[" in shown and b"30,000/30,000" in shown
 

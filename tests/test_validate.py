@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 
 import pytest
 
 from records_service.validate import (
-    MalformedJSON, parse_json, parse_timestamp, timestamp_sort_key, validate_correction, validate_record,
+    InvalidBatch, MalformedJSON, TooManyRecords, parse_batch, parse_json, parse_timestamp, timestamp_sort_key, validate_correction, validate_record,
 )
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -186,9 +187,29 @@ def test_non_finite_literals_are_rejected_naming_the_field(literal):
 
 
 def test_a_number_too_large_for_a_float_is_rejected():
-    doc = parse_json(b'{"test_id": "a", "clinic_id": "C1", "patient_id": "P", "test_type": "x",'
-                     b' "result": 1e400, "collected_at": "2025-05-01T10:00:00Z"}')
-    assert [e["field"] for e in validate_record(doc, NOW)[1]] == ["result"]
+    assert [e["field"] for e in validate_record(parse_json(_with_result(b"1e400")), NOW)[1]] == ["result"]
+
+
+def _with_result(literal: bytes) -> bytes:
+    return (b'{"test_id": "a", "clinic_id": "C1", "patient_id": "P", "test_type": "x",'
+            b' "result": ' + literal + b', "collected_at": "2025-05-01T10:00:00Z"}')
+
+
+@pytest.mark.parametrize("literal", [
+    b"1e-400", b"-1e-400", b"4.9e-325", b"0." + b"0" * 1_000_000 + b"1", b"0.0000000000000000000000000001e-300",
+])
+def test_a_non_zero_number_that_would_be_stored_as_zero_is_rejected_naming_result(literal):
+    record, errors = validate_record(parse_json(_with_result(literal)), NOW)
+    assert record is None and [e["field"] for e in errors] == ["result"]
+    assert "stored as 0" in errors[0]["message"]
+
+
+@pytest.mark.parametrize("literal, stored", [
+    (b"0.0", 0.0), (b"-0.0", 0.0), (b"0e-400", 0.0), (b"0.000e5", 0.0), (b"1e-300", 1e-300), (b"5e-324", 5e-324),
+])
+def test_zero_and_the_smallest_floats_are_stored_as_sent(literal, stored):
+    record, errors = validate_record(parse_json(_with_result(literal)), NOW)
+    assert errors == [] and record["result"] == stored
 
 
 @pytest.mark.parametrize("body", [
@@ -215,3 +236,31 @@ def test_a_correction_must_keep_the_identity_fields(changes, fields):
     record, errors = validate_correction(with_(**changes), STORED, NOW)
     assert [e["field"] for e in errors] == fields
     assert (record is None) == bool(fields)
+
+
+@pytest.mark.parametrize("body", [b"[]", b" [ ] ", b'[{"a": 1}]', b'\n[ {"a": [1, {"b": null}]} ,\t"x", 3, [] ]\r\n'])
+def test_a_json_batch_is_parsed_item_by_item_as_json_loads_would(body):
+    assert list(parse_batch(body, ndjson=False, max_records=10)) == json.loads(body)
+
+
+@pytest.mark.parametrize("body, error", [
+    (b"[{} {}]", MalformedJSON), (b"[{},]", MalformedJSON), (b"[{}] []", MalformedJSON), (b"[", MalformedJSON),
+    (b"[{}", MalformedJSON), (b"", MalformedJSON), (b"{}", InvalidBatch), (b'"x"', InvalidBatch),
+])
+def test_a_json_batch_that_is_not_one_array_is_refused_whole(body, error):
+    with pytest.raises(error):
+        list(parse_batch(body, ndjson=False, max_records=10))
+
+
+def test_ndjson_blank_lines_are_not_records_and_a_bad_line_fails_alone():
+    items = list(parse_batch(b'\n  \r\n{"a": 1}\n\t\n{oops\n\f\n[]', ndjson=True, max_records=3))
+    assert items[0] == {"a": 1} and isinstance(items[1], MalformedJSON) and items[2] == []
+
+
+@pytest.mark.parametrize("ndjson, body", [
+    (True, b"{}\n" * 3 + b"{oops"), (True, b"{}\n\n" * 4), (False, b"[" + b"{}," * 4 + b"{oops"),
+])
+def test_one_record_over_the_limit_is_too_many_before_anything_past_it_is_read(ndjson, body):
+    """Eager: no record is yielded (none validated) before the count is known."""
+    with pytest.raises(TooManyRecords):
+        parse_batch(body, ndjson=ndjson, max_records=3)

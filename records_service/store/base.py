@@ -155,6 +155,16 @@ class Store(Protocol):
     def count(self) -> int: """How many records there are."""
     def dashboard_counts(self, since_hour: str, top_clinics: int) -> dict: """The dashboard's figures."""
 
+    # -- imports from upstream APIs (the rules: store/imports.py) ---------------------------
+    def import_progress(self, source: str) -> dict | None:
+        """Where a source stands (its current or last run: position, counts, failures, watermarks), or None."""
+    def import_runs(self) -> list[dict]: """Every source's progress, by name (the dashboard)."""
+    def import_page(self, source: str, items: list[tuple[int, dict]], position: dict, *, request_id: str,
+                    key_id: str, now: str) -> dict:
+        """In one transaction: store a page's validated (index, record)s as `imports.judge` says and
+        save the source's progress as `imports.advance` makes it; the progress. ImportConflict
+        when another run of the source committed meanwhile."""
+
     # -- API keys --------------------------------------------------------------------------
     def create_key(self, *, key_id: str, name: str, roles: list[str], clinics: list[str] | None,
                    secret_sha256: str, created_at: str) -> None: ...

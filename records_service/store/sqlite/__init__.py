@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 from ..base import Stored, WriterSlots, entered_in_error, prepare
 from ..errors import DuplicateRecord, StoreFull, VersionMismatch, AlreadyVoided
-from . import counters, keys, maintenance, records
+from . import counters, imports, keys, maintenance, records
 from .connection import MIN_FREE_BYTES, Database, file_size
 from .migrations import SCHEMA_VERSION, migrate
 
@@ -218,6 +218,24 @@ class SQLiteStore:
                 "journal_mode": self._db.read("PRAGMA journal_mode")[0][0],
                 "database_bytes": file_size(self.path),
                 "wal_bytes": file_size(self.path + "-wal")}
+
+    # -- imports from upstream APIs --------------------------------------------------------
+
+    def import_progress(self, source: str) -> dict | None:
+        return imports.progress(self._db, source)
+
+    def import_runs(self) -> list[dict]:
+        return imports.runs(self._db)
+
+    def import_page(self, source: str, items: list[tuple[int, dict]], position: dict, *, request_id: str,
+                    key_id: str, now: str) -> dict:
+        state, outcomes, clinics, created = self._write(lambda conn: imports.store_page(
+            conn, source, items, position, request_id=request_id, key_id=key_id, now=now))
+        log.info("committed", extra={"page": position["page"], "records_created": created,
+                                     "updated": sum(1 for o in outcomes if o["outcome"] == "updated"),
+                                     "unchanged": sum(1 for o in outcomes if o["outcome"] == "unchanged")})
+        self._wrote(clinics, created)
+        return state
 
     # -- API keys --------------------------------------------------------------------------
 

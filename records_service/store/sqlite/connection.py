@@ -169,6 +169,11 @@ class Database:
                 # A database that cannot be written can still be read: flock needs no write access.
                 return os.open(lock_path, os.O_RDONLY)
         except OSError as exc:
+            directory = os.path.dirname(os.path.abspath(lock_path))
+            if exc.errno == errno.ENOENT and not os.path.isdir(directory):
+                raise StoreUnavailable(f"the database's directory {directory} does not exist (the database is"
+                                       f" {self.path}): create it, or set RECORDS_DB_PATH to a file in a directory"
+                                       " that exists") from exc
             error = StoreReadOnly if exc.errno == errno.EROFS else StoreUnavailable
             raise error(f"cannot open the writers' lock file {lock_path}: {exc.strerror}") from exc
 

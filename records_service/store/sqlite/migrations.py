@@ -266,6 +266,29 @@ MIGRATIONS[8] = """
     ) WITHOUT ROWID;
     INSERT INTO clinic_times SELECT clinic_id, collected_at, seq FROM records ORDER BY 1, 2, 3;
 """
+# Schema 9: where each import source stands (`python -m records_service import`), saved in the
+# transaction of each page it stores: its current (or last) run's position and counts, and the
+# watermark of its last complete run. One row per source: the dashboard lists them.
+MIGRATIONS[9] = """
+    CREATE TABLE import_progress (
+        source        TEXT PRIMARY KEY,     -- the source file's `name`
+        request_id    TEXT NOT NULL,        -- the current (or last) run's: every record it writes carries it
+        started_at    TEXT NOT NULL,
+        updated_at    TEXT NOT NULL,        -- when its last page was committed
+        complete      INTEGER NOT NULL,     -- 1 once the run committed its last page
+        next          TEXT,                 -- JSON: where the first page not committed is; NULL when complete
+        since         TEXT NOT NULL,        -- the run's {since}
+        pages         INTEGER NOT NULL,     -- pages committed by the run
+        fetched       INTEGER NOT NULL,
+        created       INTEGER NOT NULL,
+        updated       INTEGER NOT NULL,
+        unchanged     INTEGER NOT NULL,
+        failed        INTEGER NOT NULL,
+        failures      TEXT NOT NULL,        -- JSON: the run's first 100 failures
+        watermark     TEXT,                 -- JSON: the largest watermark value of the last complete run
+        run_watermark TEXT                  -- JSON: the largest seen by this run so far
+    );
+"""
 SCHEMA_VERSION = max(MIGRATIONS)
 
 

@@ -1,0 +1,137 @@
+"""A deadline for receiving a request body, so that a client sending slowly cannot hold a worker.
+
+gunicorn reads a body only when the application asks for it, and a read blocks until the bytes
+come: a client sending one byte a second, or stopping mid-body, would hold its worker (a whole
+sync worker until gunicorn's WORKER TIMEOUT and an HTML 500, or a gthread thread for as long
+as it likes). A socket timeout bounds each read, not the whole body, and one byte a second
+beats any of them. So one watchdog thread per process shuts the read side of the socket when
+a body is not in by its deadline: the blocked read returns at once (end of input), and the
+request is answered `408` problem+json. The client cannot send on that connection again, so
+gunicorn closes it after the answer.
+
+Behind nginx (deploy/nginx.conf) a body reaches gunicorn only once nginx holds all of it, so
+this deadline is never reached there.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import socket
+import threading
+import time
+from typing import Callable
+
+import falcon
+
+from .errors import Problem
+
+log = logging.getLogger("records_service.http")
+
+
+class Alarm:
+    """One armed callback; `disarm` tells whether it already went off."""
+
+    def __init__(self, deadline: float, callback: Callable[[], None]) -> None:
+        self.deadline = deadline
+        self.callback = callback
+        self.disarmed = False
+        self.fired = False
+
+
+class Watchdog:
+    """Calls each armed callback at its deadline (time.monotonic) unless it was disarmed first.
+
+    One thread for every alarm of the process, started on the first one (after gunicorn has
+    forked the worker); a thread per request would cost more than the request itself.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._alarms: list[tuple[float, int, Alarm]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, deadline: float, callback: Callable[[], None]) -> Alarm:
+        alarm = Alarm(deadline, callback)
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="body-deadline", daemon=True)
+                self._thread.start()
+            heapq.heappush(self._alarms, (deadline, next(self._order), alarm))
+            if self._alarms[0][2] is alarm:
+                self._cond.notify()
+        return alarm
+
+    def disarm(self, alarm: Alarm) -> bool:
+        """Disarm `alarm`; True when it had already gone off."""
+        with self._cond:
+            alarm.disarmed = True
+            return alarm.fired
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                while self._alarms and self._alarms[0][2].disarmed:
+                    heapq.heappop(self._alarms)
+                if not self._alarms:
+                    self._cond.wait()
+                    continue
+                wait = self._alarms[0][0] - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                alarm = heapq.heappop(self._alarms)[2]
+                alarm.fired = True
+                try:
+                    alarm.callback()
+                except Exception:  # the watchdog must outlive any one callback
+                    log.exception("body deadline callback failed")
+
+
+class BodyDeadline:
+    """`with` around reading one request's body: past the deadline, 408 instead of the body.
+
+    Without a socket to cut off (falcon.testing, another WSGI server), it only reads.
+    """
+
+    def __init__(self, watchdog: Watchdog, sock: socket.socket | None, deadline: float, timeout_s: float) -> None:
+        self._watchdog = watchdog
+        self._sock = sock
+        self._deadline = deadline
+        self._timeout_s = timeout_s
+        self._alarm: Alarm | None = None
+
+    def __enter__(self) -> "BodyDeadline":
+        if self._sock is not None:
+            self._alarm = self._watchdog.arm(self._deadline, self._cut_off)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._alarm is None or not self._watchdog.disarm(self._alarm):
+            return False
+        # Whatever the read did once its socket was cut off (a short body, or gunicorn's
+        # error for a chunked body that ends early), the answer is that it came too late.
+        log.info("request body not received in time", extra={"timeout_ms": round(self._timeout_s * 1000)})
+        raise Problem(408, "request-timeout",
+                      f"the body was not received within {self._timeout_s:g} s; the connection is closed") from None
+
+    def _cut_off(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass  # the client is gone already
+
+
+class BodyTimeout:
+    """Middleware: every request gets a BodyDeadline (`req.context.body_deadline`) that ends
+    `timeout_ms` after the request arrived; read_body reads the body inside it."""
+
+    def __init__(self, timeout_ms: int) -> None:
+        self._timeout_s = timeout_ms / 1000
+        self._watchdog = Watchdog()
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.body_deadline = BodyDeadline(self._watchdog, req.env.get("gunicorn.socket"),
+                                                 time.monotonic() + self._timeout_s, self._timeout_s)
