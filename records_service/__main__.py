@@ -123,6 +123,11 @@ def _postgres_url(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _where(settings: Settings) -> str:
+    """The database, as an operator names it: the full path of the SQLite file, or the URL."""
+    return settings.database_name() if settings.database_url else os.path.abspath(settings.db_path)
+
+
 def _store(settings: Settings) -> Store:
     """The database the server uses; opened (and migrated) at its first use."""
     return open_store(settings)
@@ -157,7 +162,7 @@ def run_keys_create(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         print(f"records_service: {exc}", file=sys.stderr)
         return 2
-    print(f"created key {key_id} ({args.name}) in {settings.database_name()}")
+    print(f"created key {key_id} ({args.name}) in {_where(settings)}")
     print(f"  roles:   {', '.join(roles)}")
     print(f"  clinics: {_scope(clinics)}")
     print("The key follows, alone on the last line. It is shown only now and stored only as a hash:")
@@ -169,7 +174,7 @@ def run_keys_create(args: argparse.Namespace, settings: Settings) -> int:
 def run_keys_list(args: argparse.Namespace, settings: Settings) -> int:
     listed = _store(settings).list_keys()
     if not listed:
-        print(f"no keys in {settings.database_name()}; create one with: "
+        print(f"no keys in {_where(settings)}; create one with: "
               "python -m records_service keys create --role admin --all-clinics --name NAME")
         return 0
     rows = [("KEY_ID", "STATUS", "ROLES", "CLINICS", "CREATED", "NAME")]
@@ -184,7 +189,7 @@ def run_keys_list(args: argparse.Namespace, settings: Settings) -> int:
 def run_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     result = _store(settings).revoke_key(args.key_id, _now())
     if result is None:
-        print(f"records_service: no key {args.key_id!r} in {settings.database_name()} "
+        print(f"records_service: no key {args.key_id!r} in {_where(settings)} "
               "(see: python -m records_service keys list)", file=sys.stderr)
         return 1
     key, changed = result

@@ -7,7 +7,6 @@ which the entry points turn into a one-line message and a non-zero exit.
 from __future__ import annotations
 
 import difflib
-import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 from pathlib import Path
@@ -34,7 +33,7 @@ class Settings:
 
     def database_name(self) -> str:
         """Which database this is, fit for an operator's message: never a password."""
-        return redact_url(self.database_url) if self.database_url else os.path.abspath(self.db_path)
+        return redact_url(self.database_url) if self.database_url else self.db_path
 
 
 def _text(name: str, raw: str) -> str:

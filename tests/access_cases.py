@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import sqlite3
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,8 +20,9 @@ from typing import Callable, Protocol
 
 from records_service import keys as api_keys
 from records_service.access import PUBLIC
-from records_service.store.sqlite import SQLiteStore as Store
-from tests.live import Response
+from records_service.config import Settings
+from records_service.store import open_store
+from tests.live import RawDatabase, Response
 
 CLINIC, OTHER_CLINIC = "C001", "C002"
 NOW = "2025-06-01T12:00:00.000Z"
@@ -40,6 +40,7 @@ class Call:
 
 class Sender(Protocol):
     db_path: Path
+    database_url: str | None  # PostgreSQL's, instead of the SQLite file at db_path
 
     def send(self, call: Call) -> Response: ...
 
@@ -133,8 +134,8 @@ class Keys:
     secrets: list[str] = field(default_factory=list)  # every token, for grepping logs
 
 
-def make_keys(db_path: Path) -> Keys:
-    store = Store(str(db_path))
+def make_keys(db_path: Path, database_url: str | None = None) -> Keys:
+    store = open_store(Settings(db_path=str(db_path), database_url=database_url))
     made: list[str] = []
 
     def create(roles: list[str], clinics: list[str] | None) -> str:
@@ -159,15 +160,16 @@ def make_keys(db_path: Path) -> Keys:
         store.close()
 
 
-def snapshot(db_path: Path) -> dict[str, list]:
+def snapshot(sender: Sender) -> dict[str, list]:
     """Every row of every table but the keys: a refused request must leave it as it was."""
-    conn = sqlite3.connect(db_path)
+    db = RawDatabase(str(sender.db_path), sender.database_url)
     try:
-        tables = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-                  if name != "api_keys"]
-        return {name: sorted(conn.execute(f'SELECT * FROM "{name}"').fetchall(), key=repr) for name in tables}
+        tables = db.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+                            if sender.database_url else "SELECT name FROM sqlite_master WHERE type = 'table'")
+        return {name: sorted(db.execute(f'SELECT * FROM "{name}"'), key=repr) for (name,) in tables
+                if name != "api_keys"}
     finally:
-        conn.close()
+        db.close()
 
 
 def seed(sender: Sender, keys: Keys) -> Target:
@@ -260,7 +262,7 @@ def check_route(sender: Sender, keys: Keys, template: str, method: str) -> list[
         target = seed(sender, keys)
         call = case.build(target)
         call.headers.update(headers)
-        before = snapshot(sender.db_path)
+        before = snapshot(sender)
         answer = sender.send(call)
         return target, answer, before
 
@@ -287,7 +289,7 @@ def check_route(sender: Sender, keys: Keys, template: str, method: str) -> list[
     for scenario, headers in unauthenticated.items():
         _, answer, before = run(headers)
         found = _unauthorized(answer, browser)
-        if snapshot(sender.db_path) != before:
+        if snapshot(sender) != before:
             found.append("the refused request changed stored data")
         note(scenario, found)
 
@@ -295,7 +297,7 @@ def check_route(sender: Sender, keys: Keys, template: str, method: str) -> list[
     found = _refused(answer, 403)
     if "www-authenticate" in answer.headers:
         found.append("a 403 offers a challenge")
-    if snapshot(sender.db_path) != before:
+    if snapshot(sender) != before:
         found.append("the refused request changed stored data")
     note("wrong role", found)
 
@@ -306,7 +308,7 @@ def check_route(sender: Sender, keys: Keys, template: str, method: str) -> list[
             found += [f"leaks record data {s}" for s in SENTINELS if s.encode() in answer.body]
         else:
             found = _refused(answer, case.other)
-        if snapshot(sender.db_path) != before:
+        if snapshot(sender) != before:
             found.append("the refused request changed stored data")
         if case.other == 404:
             # Not revealed: the same answer as for a record that does not exist (same id length).

@@ -32,6 +32,7 @@ from tests.live import Response
 class AppSender:
     client: falcon.testing.TestClient
     db_path: Path
+    database_url: str | None = None
 
     def send(self, call: Call) -> Response:
         path, _, query = call.path.partition("?")

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import falcon.inspect
+import pytest
 
 from records_service.app import create_app
 from records_service.config import Settings
@@ -27,6 +28,10 @@ class LiveSender:
     def db_path(self):
         return self.server.db_path
 
+    @property
+    def database_url(self):
+        return self.server.database_url
+
     def send(self, call: Call) -> Response:
         return self.server.request(call.method, call.path, call.body, call.headers)
 
@@ -38,10 +43,11 @@ def served_routes(tmp_path) -> list[tuple[str, str]]:
                    if not m.internal})
 
 
+@pytest.mark.both_engines
 def test_every_scenario_of_every_served_route_holds_through_gunicorn_and_no_key_reaches_the_logs(
         start_server, tmp_path):
     server = start_server(workers=2, RECORDS_AUTH="required")
-    keys = make_keys(server.db_path)
+    keys = make_keys(server.db_path, server.database_url)
     routes = served_routes(tmp_path)
     assert set(routes) <= ROUTES.keys()
 

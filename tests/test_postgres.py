@@ -21,6 +21,7 @@ from records_service.app import create_app
 from records_service.config import Settings
 from records_service.seed import clinic_ids, seed_rows
 from records_service.store import open_store
+from records_service.store.postgres.migrations import MIGRATION_LOCK
 from tests.live import REPO, PostgresCluster, RawDatabase, admin, run_cli, writes_held
 from tests.test_gunicorn import make_record, wait_for_log
 
@@ -62,8 +63,17 @@ def test_hosts_starting_at_once_migrate_once(settings):
               "from records_service.store import open_store\n"
               "store = open_store(Settings(database_url=sys.argv[1]))\n"
               "print(store.migrate())\n")
+    # Hold the migration lock until every starter has looked, found no schema, and waits for it.
+    holder = RawDatabase("", settings.database_url)
+    holder.execute("SELECT pg_advisory_lock(?)", (MIGRATION_LOCK,))
     procs = [subprocess.Popen([sys.executable, "-c", script, settings.database_url], cwd=REPO, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(starters)]
+    deadline = time.monotonic() + 30
+    while holder.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")[0][0] < starters:
+        assert time.monotonic() < deadline and all(proc.poll() is None for proc in procs), "the starters did not wait"
+        time.sleep(0.05)
+    holder.execute("SELECT pg_advisory_unlock(?)", (MIGRATION_LOCK,))
+    holder.close()
     outputs = [proc.communicate(timeout=60) for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * starters, outputs
     assert [out.strip() for out, _ in outputs] == ["1"] * starters

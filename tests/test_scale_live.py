@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from records_service.seed import seed_rows
+from records_service.store import open_store
 from records_service.store.sqlite import SQLiteStore as Store
 from tests.live import AnonPeak
 from tests.test_export_stats import seeded_then_damaged
@@ -29,6 +30,7 @@ def post_batch(server, records) -> dict:
     return resp.json()
 
 
+@pytest.mark.both_engines
 def test_walking_next_links_while_another_thread_ingests_returns_every_earlier_record_once(start_server):
     server = start_server(workers=3)
     for batch in range(3):
@@ -141,13 +143,13 @@ def test_an_export_of_200000_records_runs_in_the_memory_of_one_of_20000(start_se
     assert all(line.get("request_id") for line in done)
 
 
-def test_a_client_that_hangs_up_mid_export_leaves_the_worker_serving(start_server, tmp_path):
-    db = tmp_path / "hangup.db"
-    store = Store(str(db))
+@pytest.mark.both_engines
+def test_a_client_that_hangs_up_mid_export_leaves_the_worker_serving(start_server, settings):
+    store = open_store(settings)
     for _ in store.bulk_insert(seed_rows(40_000, 1, datetime.now(timezone.utc), rng_seed=5)):
         pass
     store.close()
-    server = start_server(workers=1, db_path=db)
+    server = start_server(workers=1, db_path=settings.db_path)
 
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as client:
         client.sendall(b"GET /tests/_export?clinic_id=C0001 HTTP/1.1\r\nHost: x\r\nX-Request-ID: hang-up\r\n\r\n")

@@ -13,9 +13,9 @@ import threading
 import time
 from typing import Callable, Iterable, Iterator, NamedTuple, Protocol, TypeVar
 
-from .errors import AlreadyVoided, StoreBusy
+from .errors import AlreadyVoided, StoreBusy, VersionMismatch
 
-from ..validate import VOIDED_STATUS, client_fields, timestamp_sort_key
+from ..validate import VOIDED_STATUS, client_fields, timestamp_from_sort_key, timestamp_sort_key
 
 log = logging.getLogger("records_service.store")
 
@@ -82,8 +82,10 @@ def action_of(version: int, status: str) -> str:
 
 
 class WriterSlots:
-    """At most `writers` threads of this process inside a write at once (None: no bound); while
-    writes flow, a write waits `wait_s` at most for a slot."""
+    """At most `writers` threads of this process inside a write at once (None: no bound). While
+    writes flow, a write waits up to `wait_s` for a slot; as soon as none has been given back for
+    WRITES_STUCK_S, it is refused (at once, or mid-wait), so waiting writes never keep the
+    threads reads need."""
 
     def __init__(self, writers: int | None, wait_s: float = WRITE_SLOT_WAIT_S) -> None:
         self._slots = threading.BoundedSemaphore(writers) if writers else None
@@ -93,17 +95,180 @@ class WriterSlots:
     def run(self, write: Callable[[], T]) -> T:
         if self._slots is None:
             return write()
-        if not self._slots.acquire(blocking=False):
-            flowing = time.monotonic() - self._slot_given_back < WRITES_STUCK_S
-            if not (flowing and self._slots.acquire(timeout=self._wait_s)):
-                log.warning("too many writes waiting for the database in this process; write refused")
-                raise StoreBusy("too many writes are waiting for the database")
-            self._slot_given_back = time.monotonic()
+        if not self._take():
+            log.warning("too many writes waiting for the database in this process; write refused")
+            raise StoreBusy("too many writes are waiting for the database")
         try:
             return write()
         finally:
             self._slots.release()
             self._slot_given_back = time.monotonic()
+
+    def _take(self) -> bool:
+        if self._slots.acquire(blocking=False):
+            return True
+        deadline = time.monotonic() + self._wait_s
+        while True:
+            now = time.monotonic()
+            if now - self._slot_given_back >= WRITES_STUCK_S or now >= deadline:
+                return False
+            if self._slots.acquire(timeout=min(WRITES_STUCK_S / 5, deadline - now)):
+                self._slot_given_back = time.monotonic()
+                return True
+
+
+# The filters a collection query may carry, each one condition on a column (`{p}`: the
+# engine's placeholder), in the order every engine writes them.
+_FILTER_SQL = {
+    "clinic_id": "clinic_id = {p}",
+    "patient_id": "patient_id = {p}",
+    "test_type": "test_type = {p}",
+    "status": "status = {p}",
+    "collected_from": "collected_at >= {p}",
+    "collected_to": "collected_at < {p}",
+}
+_TIME_FILTERS = ("collected_from", "collected_to")
+
+
+def record_conditions(filters: dict[str, str], after_seq: int, placeholder: str) -> tuple[list[str], list]:
+    """The WHERE conditions (and their parameters) of records matching `filters` (clean values,
+    clinic_id among them) after `after_seq`: the one reading of the filters for every engine."""
+    unknown = set(filters) - _FILTER_SQL.keys()
+    if unknown or "clinic_id" not in filters:
+        raise ValueError(f"not a clinic query: {sorted(filters)}")
+    conditions, params = [], []
+    for name, condition in _FILTER_SQL.items():
+        if name in filters:
+            conditions.append(condition.format(p=placeholder))
+            params.append(timestamp_sort_key(filters[name]) if name in _TIME_FILTERS else filters[name])
+    conditions.append(f"seq > {placeholder}")
+    params.append(after_seq)
+    return conditions, params
+
+
+def page_of(rows: list[tuple], limit: int) -> tuple[str, int, int | None]:
+    """A page from up to `limit` + 1 (seq, doc) rows: JSON array text, count, the seq to go on after."""
+    more = len(rows) > limit
+    del rows[limit:]
+    return "[" + ",".join(doc for _, doc in rows) + "]", len(rows), rows[-1][0] if more else None
+
+
+def clinic_stats_of(clinic_id: str, groups: Iterable[tuple[str, str, int]], first: str | None,
+                    last: str | None) -> dict:
+    """/tests/_stats from (test_type, status, count) groups and the first and last collected_at sort keys."""
+    by_test_type: dict[str, int] = {}
+    by_status: dict[str, int] = {}
+    for test_type, status, count in groups:
+        by_test_type[test_type] = by_test_type.get(test_type, 0) + count
+        by_status[status] = by_status.get(status, 0) + count
+    return {
+        "clinic_id": clinic_id,
+        "total": sum(by_status.values()),
+        "by_test_type": dict(sorted(by_test_type.items())),
+        "by_status": dict(sorted(by_status.items())),
+        "first_collected_at": timestamp_from_sort_key(first) if first else None,
+        "last_collected_at": timestamp_from_sort_key(last) if last else None,
+    }
+
+
+def key_found(row: tuple) -> dict:
+    """A key as authentication needs it, from (secret_sha256, roles, clinics, revoked_at)."""
+    secret_sha256, roles, clinics, revoked_at = row
+    return {"secret_sha256": secret_sha256, "roles": json.loads(roles), "clinics": _clinics(clinics),
+            "revoked_at": revoked_at}
+
+
+KEY_LISTING = "key_id, name, roles, clinics, created_at, revoked_at"
+
+
+def key_listing(row: tuple) -> dict:
+    """A key as `keys list` shows it (never its hash), from the KEY_LISTING columns."""
+    key_id, name, roles, clinics, created_at, revoked_at = row
+    return {"key_id": key_id, "name": name, "roles": json.loads(roles), "clinics": _clinics(clinics),
+            "created_at": created_at, "revoked_at": revoked_at}
+
+
+def _clinics(column: str | None) -> list[str] | None:
+    return None if column is None else json.loads(column)
+
+
+class EngineStore:
+    """What both engines' stores do alike, over their own modules (`_records`, `_counters`,
+    `_keys`, each taking the engine's database first) and their own `_write`: corrections, reads
+    and keys, and the log lines that tell of them."""
+
+    _db: object
+    _records: object
+    _counters: object
+    _keys: object
+    _cursor_secret: bytes | None = None
+
+    def _write(self, work):
+        raise NotImplementedError
+
+    def correct(self, record: dict, *, expected: frozenset[int], request_id: str, key_id: str | None = None,
+                now: str) -> Stored:
+        return self._revise(record["test_id"], expected, lambda current: record, "correct", request_id, key_id, now)
+
+    def void(self, test_id: str, *, expected: frozenset[int], request_id: str, key_id: str | None = None,
+             now: str) -> Stored:
+        return self._revise(test_id, expected, entered_in_error, "void", request_id, key_id, now)
+
+    def _revise(self, test_id, expected, change, action, request_id, key_id, now) -> Stored:
+        try:
+            stored = self._write(lambda conn: self._records.revise(conn, test_id, expected, change, request_id,
+                                                                   key_id, now))
+        except VersionMismatch as exc:
+            log.info("record not changed: version mismatch", extra={"test_id": test_id, "version": exc.current})
+            raise
+        except AlreadyVoided:
+            log.info("record not changed: already voided", extra={"test_id": test_id})
+            raise
+        log.info("committed", extra={"test_id": test_id, "version": stored.version, "action": action})
+        return stored
+
+    def current(self, test_id: str) -> Stored | None:
+        return self._records.current(self._db, test_id)
+
+    def history_json(self, test_id: str) -> tuple[str, int]:
+        return self._records.history_json(self._db, test_id)
+
+    def audit(self, request_id: str) -> list[dict]:
+        return self._records.audit(self._db, request_id)
+
+    def list_page(self, filters: dict[str, str], after_seq: int, limit: int) -> tuple[str, int, int | None]:
+        return self._records.list_page(self._db, filters, after_seq, limit)
+
+    def export_docs(self, filters: dict[str, str], chunk_rows: int = 1000) -> Iterator[list[str]]:
+        return self._records.export_docs(self._db, filters, chunk_rows)
+
+    def clinic_stats(self, clinic_id: str) -> dict:
+        return self._counters.clinic_stats(self._db, clinic_id)
+
+    def cursor_secret(self) -> bytes:
+        """The key that signs paging cursors: made once with the schema, the same in every worker."""
+        if self._cursor_secret is None:
+            self._cursor_secret = bytes(self._db.read("SELECT value FROM meta WHERE key = 'cursor_secret'")[0][0])
+        return self._cursor_secret
+
+    def count(self) -> int:
+        return self._db.read("SELECT count(*) FROM records")[0][0]
+
+    def create_key(self, **key) -> None:
+        self._keys.create_key(self._db, **key)
+        log.info("api key created", extra={"key_id": key["key_id"]})
+
+    def find_key(self, key_id: str) -> dict | None:
+        return self._keys.find_key(self._db, key_id)
+
+    def list_keys(self) -> list[dict]:
+        return self._keys.list_keys(self._db)
+
+    def revoke_key(self, key_id: str, now: str) -> tuple[dict, bool] | None:
+        result = self._keys.revoke_key(self._db, key_id, now)
+        if result and result[1]:
+            log.info("api key revoked", extra={"key_id": key_id})
+        return result
 
 
 class Store(Protocol):

@@ -16,8 +16,8 @@ from typing import Iterable, Iterator
 
 import psycopg
 
-from ..base import Stored, WriterSlots, entered_in_error, prepare
-from ..errors import AlreadyVoided, DuplicateRecord, VersionMismatch
+from ..base import EngineStore, WriterSlots, prepare
+from ..errors import DuplicateRecord
 from . import counters, keys, maintenance, records
 from .connection import Database
 from .migrations import SCHEMA_VERSION, current_version, migrate
@@ -29,19 +29,19 @@ class _NothingStored(Exception):
     """An atomic batch met a test_id stored meanwhile by another writer: roll back what went in."""
 
 
-class PostgresStore:
+class PostgresStore(EngineStore):
     engine = "postgresql"
+    _records, _counters, _keys = records, counters, keys
 
     def __init__(self, url: str, *, busy_timeout_ms: int = 5000, writers: int | None = None) -> None:
         self.url = url
         self._busy_timeout_ms = busy_timeout_ms
         self._db = Database(url, busy_timeout_ms=busy_timeout_ms, on_connect=migrate)
-        # Writes to different clinics run side by side here, and while they flow a slot frees at
-        # every commit: under a burst (32 clients, 4 clinics, a loaded machine) one took longer
-        # than SQLite's wait to free while nothing was stuck. While writes flow, a write waits for
-        # a slot as for any lock, up to the bound; once they are stuck, it is refused at once.
+        # Writes to different clinics run side by side here, but a clinic's take turns through
+        # their commit: under a burst on a loaded machine a slot took longer than SQLite's wait to
+        # free while writes flowed. So a write waits for one up to the bound while they flow (and
+        # is refused as on SQLite once they are stuck).
         self._slots = WriterSlots(writers, wait_s=busy_timeout_ms / 1000)
-        self._cursor_secret: bytes | None = None
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -125,53 +125,8 @@ class PostgresStore:
             total += len(chunk)
             yield total
 
-    def correct(self, record: dict, *, expected: frozenset[int], request_id: str, key_id: str | None = None,
-                now: str) -> Stored:
-        return self._revise(record["test_id"], expected, lambda current: record, "correct", request_id, key_id, now)
 
-    def void(self, test_id: str, *, expected: frozenset[int], request_id: str, key_id: str | None = None,
-             now: str) -> Stored:
-        return self._revise(test_id, expected, entered_in_error, "void", request_id, key_id, now)
-
-    def _revise(self, test_id, expected, change, action, request_id, key_id, now) -> Stored:
-        try:
-            stored = self._write(lambda conn: records.revise(conn, test_id, expected, change, request_id, key_id, now))
-        except VersionMismatch as exc:
-            log.info("record not changed: version mismatch", extra={"test_id": test_id, "version": exc.current})
-            raise
-        except AlreadyVoided:
-            log.info("record not changed: already voided", extra={"test_id": test_id})
-            raise
-        log.info("committed", extra={"test_id": test_id, "version": stored.version, "action": action})
-        return stored
-
-    # -- reads -----------------------------------------------------------------------------
-
-    def current(self, test_id: str) -> Stored | None:
-        return records.current(self._db, test_id)
-
-    def history_json(self, test_id: str) -> tuple[str, int]:
-        return records.history_json(self._db, test_id)
-
-    def audit(self, request_id: str) -> list[dict]:
-        return records.audit(self._db, request_id)
-
-    def list_page(self, filters: dict[str, str], after_seq: int, limit: int) -> tuple[str, int, int | None]:
-        return records.list_page(self._db, filters, after_seq, limit)
-
-    def export_docs(self, filters: dict[str, str], chunk_rows: int = 1000) -> Iterator[list[str]]:
-        return records.export_docs(self._db, filters, chunk_rows)
-
-    def clinic_stats(self, clinic_id: str) -> dict:
-        return counters.clinic_stats(self._db, clinic_id)
-
-    def cursor_secret(self) -> bytes:
-        if self._cursor_secret is None:
-            self._cursor_secret = bytes(self._db.read("SELECT value FROM meta WHERE key = 'cursor_secret'")[0][0])
-        return self._cursor_secret
-
-    def count(self) -> int:
-        return self._db.read("SELECT count(*) FROM records")[0][0]
+    # -- reads (the rest are EngineStore's) ---------------------------------------------
 
     def dashboard_counts(self, since_hour: str, top_clinics: int) -> dict:
         """What the dashboard shows, from the counters; sizes as the server reports them."""
@@ -182,23 +137,6 @@ class PostgresStore:
                 "schema_version": self._db.read("SELECT max(version) FROM schema_migrations")[0][0],
                 "journal_mode": "PostgreSQL WAL", "database_bytes": database_bytes, "wal_bytes": wal_bytes or 0}
 
-    # -- API keys --------------------------------------------------------------------------
-
-    def create_key(self, **key) -> None:
-        keys.create_key(self._db, **key)
-        log.info("api key created", extra={"key_id": key["key_id"]})
-
-    def find_key(self, key_id: str) -> dict | None:
-        return keys.find_key(self._db, key_id)
-
-    def list_keys(self) -> list[dict]:
-        return keys.list_keys(self._db)
-
-    def revoke_key(self, key_id: str, now: str) -> tuple[dict, bool] | None:
-        result = keys.revoke_key(self._db, key_id, now)
-        if result and result[1]:
-            log.info("api key revoked", extra={"key_id": key_id})
-        return result
 
     # -- whole database --------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import psycopg
 
-from ...validate import timestamp_from_sort_key
+from ..base import clinic_stats_of
 from .connection import Database
 
 def moved(conn: psycopg.Connection, clinic_id: str, old: tuple[str, str], new: tuple[str, str]) -> None:
@@ -36,19 +36,7 @@ def clinic_stats(db: Database, clinic_id: str) -> dict:
         return groups, times
 
     groups, (first, last) = db.snapshot(read)
-    by_test_type: dict[str, int] = {}
-    by_status: dict[str, int] = {}
-    for test_type, status, count in groups:
-        by_test_type[test_type] = by_test_type.get(test_type, 0) + count
-        by_status[status] = by_status.get(status, 0) + count
-    return {
-        "clinic_id": clinic_id,
-        "total": sum(by_status.values()),
-        "by_test_type": dict(sorted(by_test_type.items())),
-        "by_status": dict(sorted(by_status.items())),
-        "first_collected_at": timestamp_from_sort_key(first) if first else None,
-        "last_collected_at": timestamp_from_sort_key(last) if last else None,
-    }
+    return clinic_stats_of(clinic_id, groups, first, last)
 
 
 _CLINIC_TOTALS_SQL = "SELECT clinic_id, sum(records)::bigint AS total FROM clinic_counts GROUP BY clinic_id"

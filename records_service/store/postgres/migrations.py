@@ -1,8 +1,8 @@
 """PostgreSQL schema versions: the current schema is schema.sql; MIGRATIONS upgrade older databases.
 
 The version is kept in the table `schema_migrations` (one row per version applied). Migrating
-takes a transaction-level advisory lock first, so of several processes, or several hosts,
-starting at once exactly one migrates and the others find it done when they get the lock.
+takes an advisory lock first, so of several processes, or several hosts, starting at once
+exactly one migrates and the others find it done when they get the lock.
 A new database is created from schema.sql; an older one gets every missing migration, in
 order, in the same one transaction. Never edit a migration that has shipped: add one, and
 change schema.sql to match.
@@ -17,7 +17,7 @@ import psycopg
 
 log = logging.getLogger("records_service.store")
 
-# pg_advisory_xact_lock's key for "migrating the schema" (any constant; this one spells "records").
+# The advisory lock's key for "migrating the schema" (any constant; this one spells "records").
 MIGRATION_LOCK = 0x7265636F726473
 
 # Version N's script moves the schema from N-1 to N. Version 1 is schema.sql as first shipped.
@@ -44,9 +44,20 @@ def migrate(conn: psycopg.Connection) -> int:
     """
     if current_version(conn) >= SCHEMA_VERSION:
         return SCHEMA_VERSION
+    # The lock is the session's, taken before the migration's transaction begins: a transaction
+    # that began before the lock was granted could still see the schema as it was (its catalog
+    # cache is refreshed at BEGIN), and create tables the winner has just made.
+    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    try:
+        return _migrate_locked(conn)
+    finally:
+        if not conn.closed:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+def _migrate_locked(conn: psycopg.Connection) -> int:
     with conn.transaction():
         conn.execute("SET LOCAL statement_timeout = 0")
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         current = current_version(conn)  # again, inside the lock: another process may have done it
         if current == 0:
             conn.execute(schema_script())

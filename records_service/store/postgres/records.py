@@ -15,7 +15,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from ...validate import timestamp_sort_key
-from ..base import Stored, stored_doc
+from ..base import Stored, page_of, record_conditions, stored_doc
 from ..errors import VersionMismatch
 from . import counters
 from .connection import Database, translate
@@ -90,6 +90,8 @@ def lock_clinics(conn: psycopg.Connection, clinics: list[str]) -> None:
 def insert_rows(conn: psycopg.Connection, rows: list[tuple], key_id: str | None) -> set[str]:
     """Insert `NewRow`-shaped rows inside the caller's transaction, counted in; return the
     test_ids inserted (one already taken, by a writer that committed meanwhile, is not)."""
+    if not rows:
+        return set()
     lock_clinics(conn, list({row[1] for row in rows}))
     base = time.time_ns() // 1000
     test_id, clinic_id, patient_id, test_type, status, collected, created, request_id, doc = zip(*rows)
@@ -144,31 +146,10 @@ def audit(db: Database, request_id: str) -> list[dict]:
             for t, v, a, at, c, k, _ in rows]
 
 
-# The filters a collection query may carry, each one parameterised condition on a column.
-_FILTER_SQL = {
-    "clinic_id": "clinic_id = %s",
-    "patient_id": "patient_id = %s",
-    "test_type": "test_type = %s",
-    "status": "status = %s",
-    "collected_from": "collected_at >= %s",
-    "collected_to": "collected_at < %s",
-}
-_TIME_FILTERS = ("collected_from", "collected_to")
-
-
 def select_records(filters: dict[str, str], after_seq: int = 0, limit: int | None = None) -> tuple[str, list]:
     """The query for (seq, doc) of records matching `filters` (clean values, clinic_id among
     them) after `after_seq`, in seq order, and its parameters."""
-    unknown = set(filters) - _FILTER_SQL.keys()
-    if unknown or "clinic_id" not in filters:
-        raise ValueError(f"not a clinic query: {sorted(filters)}")
-    conditions, params = [], []
-    for name, condition in _FILTER_SQL.items():
-        if name in filters:
-            conditions.append(condition)
-            params.append(timestamp_sort_key(filters[name]) if name in _TIME_FILTERS else filters[name])
-    conditions.append("seq > %s")
-    params.append(after_seq)
+    conditions, params = record_conditions(filters, after_seq, "%s")
     sql = "SELECT seq, doc FROM records WHERE " + " AND ".join(conditions) + " ORDER BY seq"
     if limit is not None:
         sql += " LIMIT %s"
@@ -178,10 +159,7 @@ def select_records(filters: dict[str, str], after_seq: int = 0, limit: int | Non
 
 def list_page(db: Database, filters: dict[str, str], after_seq: int, limit: int) -> tuple[str, int, int | None]:
     sql, params = select_records(filters, after_seq, limit + 1)
-    rows = db.read(sql, params)
-    more = len(rows) > limit
-    del rows[limit:]
-    return "[" + ",".join(doc for _, doc in rows) + "]", len(rows), rows[-1][0] if more else None
+    return page_of(db.read(sql, params), limit)
 
 
 def export_docs(db: Database, filters: dict[str, str], chunk_rows: int) -> Iterator[list[str]]:

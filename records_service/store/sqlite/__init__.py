@@ -15,8 +15,8 @@ import time
 from itertools import islice
 from typing import Iterable, Iterator
 
-from ..base import Stored, WriterSlots, entered_in_error, prepare
-from ..errors import DuplicateRecord, StoreFull, VersionMismatch, AlreadyVoided
+from ..base import EngineStore, WriterSlots, prepare
+from ..errors import DuplicateRecord, StoreFull
 from . import counters, imports, keys, maintenance, records
 from .connection import MIN_FREE_BYTES, Database, file_size
 from .migrations import SCHEMA_VERSION, migrate
@@ -29,8 +29,9 @@ FOLD_EVERY_S = 1.0
 FOLD_EVERY_RECORDS = 2000
 
 
-class SQLiteStore:
+class SQLiteStore(EngineStore):
     engine = "sqlite"
+    _records, _counters, _keys = records, counters, keys
 
     def __init__(self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000,
                  writers: int | None = None) -> None:
@@ -42,7 +43,6 @@ class SQLiteStore:
         self._touched_records = 0
         self._touched_lock = threading.Lock()
         self._last_fold = time.monotonic()
-        self._cursor_secret: bytes | None = None
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -162,54 +162,8 @@ class SQLiteStore:
         finally:
             conn.execute("PRAGMA cache_size = -2000")
 
-    def correct(self, record: dict, *, expected: frozenset[int], request_id: str, key_id: str | None = None,
-                now: str) -> Stored:
-        return self._revise(record["test_id"], expected, lambda current: record, "correct", request_id, key_id, now)
 
-    def void(self, test_id: str, *, expected: frozenset[int], request_id: str, key_id: str | None = None,
-             now: str) -> Stored:
-        return self._revise(test_id, expected, entered_in_error, "void", request_id, key_id, now)
-
-    def _revise(self, test_id, expected, change, action, request_id, key_id, now) -> Stored:
-        try:
-            stored = self._write(lambda conn: records.revise(conn, test_id, expected, change, request_id, key_id, now))
-        except VersionMismatch as exc:
-            log.info("record not changed: version mismatch", extra={"test_id": test_id, "version": exc.current})
-            raise
-        except AlreadyVoided:
-            log.info("record not changed: already voided", extra={"test_id": test_id})
-            raise
-        log.info("committed", extra={"test_id": test_id, "version": stored.version, "action": action})
-        return stored
-
-    # -- reads -----------------------------------------------------------------------------
-
-    def current(self, test_id: str) -> Stored | None:
-        return records.current(self._db, test_id)
-
-    def history_json(self, test_id: str) -> tuple[str, int]:
-        return records.history_json(self._db, test_id)
-
-    def audit(self, request_id: str) -> list[dict]:
-        return records.audit(self._db, request_id)
-
-    def list_page(self, filters: dict[str, str], after_seq: int, limit: int) -> tuple[str, int, int | None]:
-        return records.list_page(self._db, filters, after_seq, limit)
-
-    def export_docs(self, filters: dict[str, str], chunk_rows: int = 1000) -> Iterator[list[str]]:
-        return records.export_docs(self._db, filters, chunk_rows)
-
-    def clinic_stats(self, clinic_id: str) -> dict:
-        return counters.clinic_stats(self._db, clinic_id)
-
-    def cursor_secret(self) -> bytes:
-        """The key that signs paging cursors: made once with the schema, the same in every worker."""
-        if self._cursor_secret is None:
-            self._cursor_secret = self._db.read("SELECT value FROM meta WHERE key = 'cursor_secret'")[0][0]
-        return self._cursor_secret
-
-    def count(self) -> int:
-        return self._db.read("SELECT count(*) FROM records")[0][0]
+    # -- reads (the rest are EngineStore's) ---------------------------------------------
 
     def dashboard_counts(self, since_hour: str, top_clinics: int) -> dict:
         """What the dashboard shows, from the counters: never a scan of records."""
@@ -236,24 +190,6 @@ class SQLiteStore:
                                      "unchanged": sum(1 for o in outcomes if o["outcome"] == "unchanged")})
         self._wrote(clinics, created)
         return state
-
-    # -- API keys --------------------------------------------------------------------------
-
-    def create_key(self, **key) -> None:
-        keys.create_key(self._db, **key)
-        log.info("api key created", extra={"key_id": key["key_id"]})
-
-    def find_key(self, key_id: str) -> dict | None:
-        return keys.find_key(self._db, key_id)
-
-    def list_keys(self) -> list[dict]:
-        return keys.list_keys(self._db)
-
-    def revoke_key(self, key_id: str, now: str) -> tuple[dict, bool] | None:
-        result = keys.revoke_key(self._db, key_id, now)
-        if result and result[1]:
-            log.info("api key revoked", extra={"key_id": key_id})
-        return result
 
     # -- whole database --------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Iterable
 
-from ...validate import timestamp_from_sort_key
+from ..base import clinic_stats_of
 from .connection import Database
 
 _HOUR = "substr(json_extract(doc, '$.created_at'), 1, 13)"
@@ -103,21 +103,9 @@ def clinic_stats(db: Database, clinic_id: str) -> dict:
         return conn.execute(_STATS_SQL, (clinic_id,)).fetchall(), conn.execute(_TIMES_SQL, (clinic_id,)).fetchone()
 
     groups, counted_times = db.snapshot(read)
-    by_test_type: dict[str, int] = {}
-    by_status: dict[str, int] = {}
-    for test_type, status, count, _, _ in groups:
-        by_test_type[test_type] = by_test_type.get(test_type, 0) + count
-        by_status[status] = by_status.get(status, 0) + count
     firsts = [t for t in (counted_times[0], *(g[3] for g in groups)) if t is not None]
     lasts = [t for t in (counted_times[1], *(g[4] for g in groups)) if t is not None]
-    return {
-        "clinic_id": clinic_id,
-        "total": sum(by_status.values()),
-        "by_test_type": dict(sorted(by_test_type.items())),
-        "by_status": dict(sorted(by_status.items())),
-        "first_collected_at": timestamp_from_sort_key(min(firsts)) if firsts else None,
-        "last_collected_at": timestamp_from_sort_key(max(lasts)) if lasts else None,
-    }
+    return clinic_stats_of(clinic_id, [g[:3] for g in groups], min(firsts, default=None), max(lasts, default=None))
 
 
 # Every clinic's tail, for figures over all clinics.

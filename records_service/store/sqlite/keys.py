@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 import sqlite3
 
+from ..base import KEY_LISTING, key_found, key_listing
 from .connection import Database
-
-_LISTING = "key_id, name, roles, clinics, created_at, revoked_at"
 
 
 def create_key(db: Database, *, key_id: str, name: str, roles: list[str], clinics: list[str] | None,
@@ -22,16 +21,12 @@ def create_key(db: Database, *, key_id: str, name: str, roles: list[str], clinic
 
 def find_key(db: Database, key_id: str) -> dict | None:
     rows = db.read("SELECT secret_sha256, roles, clinics, revoked_at FROM api_keys WHERE key_id = ?", (key_id,))
-    if not rows:
-        return None
-    secret_sha256, roles, clinics, revoked_at = rows[0]
-    return {"secret_sha256": secret_sha256, "roles": json.loads(roles), "clinics": _clinics(clinics),
-            "revoked_at": revoked_at}
+    return key_found(rows[0]) if rows else None
 
 
 def list_keys(db: Database) -> list[dict]:
     """Every key, oldest first, without its hash."""
-    return [_listing(row) for row in db.read(f"SELECT {_LISTING} FROM api_keys ORDER BY created_at, key_id")]
+    return [key_listing(row) for row in db.read(f"SELECT {KEY_LISTING} FROM api_keys ORDER BY created_at, key_id")]
 
 
 def revoke_key(db: Database, key_id: str, now: str) -> tuple[dict, bool] | None:
@@ -40,17 +35,7 @@ def revoke_key(db: Database, key_id: str, now: str) -> tuple[dict, bool] | None:
     def work(conn: sqlite3.Connection) -> tuple[dict, bool] | None:
         changed = conn.execute("UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
                                (now, key_id)).rowcount == 1
-        row = conn.execute(f"SELECT {_LISTING} FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
-        return (_listing(row), changed) if row else None
+        row = conn.execute(f"SELECT {KEY_LISTING} FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+        return (key_listing(row), changed) if row else None
 
     return db.write(work)
-
-
-def _listing(row: tuple) -> dict:
-    key_id, name, roles, clinics, created_at, revoked_at = row
-    return {"key_id": key_id, "name": name, "roles": json.loads(roles), "clinics": _clinics(clinics),
-            "created_at": created_at, "revoked_at": revoked_at}
-
-
-def _clinics(column: str | None) -> list[str] | None:
-    return None if column is None else json.loads(column)

@@ -14,7 +14,7 @@ from itertools import islice
 from typing import Callable, Iterable, Iterator
 
 from ...validate import timestamp_sort_key
-from ..base import Stored, stored_doc
+from ..base import Stored, page_of, record_conditions, stored_doc
 from ..errors import DuplicateRecord, VersionMismatch
 from . import counters
 from .connection import Database, translate
@@ -122,32 +122,11 @@ def audit(db: Database, request_id: str) -> list[dict]:
             for t, v, a, at, c, k, _ in db.read(_AUDIT_SQL, (request_id,))]
 
 
-# The filters a collection query may carry, each one parameterised condition on a column.
-_FILTER_SQL = {
-    "clinic_id": "clinic_id = ?",
-    "patient_id": "patient_id = ?",
-    "test_type": "test_type = ?",
-    "status": "status = ?",
-    "collected_from": "collected_at >= ?",
-    "collected_to": "collected_at < ?",
-}
-_TIME_FILTERS = ("collected_from", "collected_to")
-
-
 def select_records(filters: dict[str, str], after_seq: int = 0, limit: int | None = None) -> tuple[str, list]:
     """The query for (seq, doc) of records matching `filters` (clean values, clinic_id among them),
     after `after_seq`, in seq order, and its parameters. Every one is a search of the clinic's
     range of the table (or of the patient index); tests EXPLAIN exactly this."""
-    unknown = set(filters) - _FILTER_SQL.keys()
-    if unknown or "clinic_id" not in filters:
-        raise ValueError(f"not a clinic query: {sorted(filters)}")
-    conditions, params = [], []
-    for name, condition in _FILTER_SQL.items():
-        if name in filters:
-            conditions.append(condition)
-            params.append(timestamp_sort_key(filters[name]) if name in _TIME_FILTERS else filters[name])
-    conditions.append("seq > ?")
-    params.append(after_seq)
+    conditions, params = record_conditions(filters, after_seq, "?")
     # Without statistics the planner walks the clinic's whole range for a patient: name the index.
     source = "records INDEXED BY records_by_patient" if "patient_id" in filters else "records"
     sql = f"SELECT seq, doc FROM {source} WHERE " + " AND ".join(conditions) + " ORDER BY seq"
@@ -159,10 +138,7 @@ def select_records(filters: dict[str, str], after_seq: int = 0, limit: int | Non
 
 def list_page(db: Database, filters: dict[str, str], after_seq: int, limit: int) -> tuple[str, int, int | None]:
     sql, params = select_records(filters, after_seq, limit + 1)
-    rows = db.read(sql, params)
-    more = len(rows) > limit
-    del rows[limit:]
-    return "[" + ",".join(doc for _, doc in rows) + "]", len(rows), rows[-1][0] if more else None
+    return page_of(db.read(sql, params), limit)
 
 
 def export_docs(db: Database, filters: dict[str, str], chunk_rows: int) -> Iterator[list[str]]:
