@@ -35,13 +35,12 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import records_gen
-from bench_scale import BARE_APP, alternate, db_count, ensure_database, stream
-from common import (BENCH_DIR, ROOT, BenchError, Server, clean_env, free_port, gunicorn_argv, load_arguments, log,
-                    noisy_warning, pair_ratios, parse_load_arguments, run_benchmark, server_settings)
+from bench_scale import BARE_APP, add_database_arguments, alternate, db_count, ensure_database, stream
+from common import (ROOT, BenchError, Server, clean_env, finish, free_port, gunicorn_argv, load_arguments, log,
+                    pair_ratios, parse_load_arguments, run_benchmark, server_settings)
 
 # shared_buffers as a host of its own would set it (the tests' clusters keep 32MB).
 PG_CONF = "shared_buffers = 256MB\neffective_cache_size = 1GB\n"
@@ -145,19 +144,14 @@ def report(results: dict, args) -> str:
                        f" pg-async/postgres {ratio(r['pg-async']['rps'], r['postgres']['rps']):.2f}")
     if "export" in results:
         out.append(f"export: C0001, {results['export']['sqlite']['records']:,} records a run on SQLite, "
-                   f"{results['export']['postgres']['records']:,} on PostgreSQL (the batches added some)")
+                   f"{results['export']['postgres']['records']:,} on PostgreSQL (the POST and batch load add to it)")
     return "\n".join(out)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = load_arguments(__doc__, "bare/sqlite/postgres")
-    p.set_defaults(timeout=10)
-    p.add_argument("--db", default="/tmp/records-bench-1m.db", help="the seeded SQLite database (built when missing)")
-    p.add_argument("--records", type=int, default=1_000_000, help="records in --db (a smaller one for a quick run)")
-    p.add_argument("--clinics", type=int, default=500, help="clinics the records are spread over")
-    p.add_argument("--batch-connections", type=int, default=8, help="wrk connections for batch ingest")
+    add_database_arguments(p)
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
-    p.add_argument("--tmpdir", default=None, help="where the working copy of the database and the logs go")
     args = parse_load_arguments(p, argv)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if set(args.scenarios) - set(SCENARIOS):
@@ -240,16 +234,7 @@ def run(args: argparse.Namespace, wrk: str, tmp: Path, servers: list[Server], cl
         finally:
             stop(bare)
 
-    log(report(results, args))
-    warning = noisy_warning(args.all_runs, args.quiet_below)
-    if warning:
-        log(warning)
-    out = BENCH_DIR / "results" / ("engines-" + datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": [sys.executable, *sys.argv], "results": results,
-                               "runs": [{"scenario": r.scenario, "app": r.app, "round": r.round, **r.result}
-                                        for r in args.all_runs]}, indent=1))
-    log(f"\nraw results: {out}")
+    finish(report(results, args), results, args.all_runs, args.quiet_below, "engines")
     return 0
 
 

@@ -288,7 +288,36 @@ class AnonPeak:
         self._thread.join()
 
 
-class Writers:
+class WriterThreads:
+    """Client threads, each running `_write(client_no)` until the block ends."""
+
+    def __init__(self, threads: int) -> None:
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._write, args=(n,)) for n in range(threads)]
+
+    def _write(self, client_no: int) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _wait_until(acknowledged: Callable[[], int], count: int, deadline_s: float) -> None:
+        deadline = time.monotonic() + deadline_s
+        while (got := acknowledged()) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only {got} of {count} writes acknowledged within {deadline_s}s")
+            time.sleep(0.01)
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+class Writers(WriterThreads):
     """Client threads POSTing new records to a server until the block ends.
 
     `acknowledged` lists, in order, the test_ids answered 201. A thread stops at its first
@@ -296,10 +325,9 @@ class Writers:
     """
 
     def __init__(self, server: Server, make_record: Callable[[str], dict], prefix: str, threads: int = 8) -> None:
+        super().__init__(threads)
         self.acknowledged: list[str] = []
         self._server, self._make_record, self._prefix = server, make_record, prefix
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._write, args=(n,)) for n in range(threads)]
 
     def _write(self, client_no: int) -> None:
         i = 0
@@ -314,21 +342,7 @@ class Writers:
             i += 1
 
     def wait_for(self, count: int, deadline_s: float = 30) -> None:
-        deadline = time.monotonic() + deadline_s
-        while len(self.acknowledged) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"only {len(self.acknowledged)} writes acknowledged within {deadline_s}s")
-            time.sleep(0.01)
-
-    def __enter__(self) -> "Writers":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
+        self._wait_until(lambda: len(self.acknowledged), count, deadline_s)
 
 
 @dataclass
@@ -343,7 +357,7 @@ class Answer:
     ended: float
 
 
-class RetryingWriters:
+class RetryingWriters(WriterThreads):
     """Client threads POSTing new records to `port` until the block ends, as a careful client
     does: the same record again while the answer is 502, 503 or a failed connection (pausing
     `pause_s`), until another answer comes or `give_up_s` has passed since the first try.
@@ -355,11 +369,10 @@ class RetryingWriters:
 
     def __init__(self, port: int, make_record: Callable[[str], dict], prefix: str, threads: int = 8,
                  pause_s: float = 0.1, give_up_s: float = 60, timeout_s: float = 30) -> None:
+        super().__init__(threads)
         self.answers: dict[str, list[Answer]] = {}
         self._port, self._make_record, self._prefix = port, make_record, prefix
         self._pause_s, self._give_up_s, self._timeout_s = pause_s, give_up_s, timeout_s
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._write, args=(n,)) for n in range(threads)]
 
     def _post(self, test_id: str) -> Answer:
         started = time.monotonic()
@@ -391,21 +404,8 @@ class RetryingWriters:
 
     def wait_for(self, count: int, since: float = 0, deadline_s: float = 30) -> None:
         """Until `count` answers were 201 that were asked at or after `since` (time.monotonic())."""
-        deadline = time.monotonic() + deadline_s
-        while sum(1 for a in self.all_answers() if a.status == 201 and a.started >= since) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"fewer than {count} writes acknowledged within {deadline_s}s")
-            time.sleep(0.01)
-
-    def __enter__(self) -> "RetryingWriters":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
+        self._wait_until(lambda: sum(1 for a in self.all_answers() if a.status == 201 and a.started >= since), count,
+                         deadline_s)
 
 
 def postgres_command(command: str) -> str:
