@@ -69,8 +69,8 @@ def test_a_promoted_standby_takes_the_writes_without_a_restart_and_holds_every_a
     assert server.proc.poll() is None and sorted(server.worker_pids()) == workers
     assert '"status": 500' not in server.output()
 
-    on_new_primary = {row[0] for row in admin(own_url.replace(str(primary.port), str(standby.port)),
-                                              "SELECT test_id FROM records")}
+    on_standby = own_url.replace(f"@127.0.0.1:{primary.port}/", f"@127.0.0.1:{standby.port}/")
+    on_new_primary = {row[0] for row in admin(on_standby, "SELECT test_id FROM records")}
     lost = [test_id for test_id in writers.acknowledged() if test_id not in on_new_primary]
     assert lost == [], f"{len(lost)} acknowledged records are not on the new primary"
 
