@@ -234,6 +234,10 @@ class HeadLikeGet:
     def db_path(self) -> Path:
         return self.sender.db_path
 
+    @property
+    def database_url(self) -> str | None:
+        return self.sender.database_url
+
     def send(self, call: Call) -> Response:
         if call.method != "HEAD":
             return self.sender.send(call)
