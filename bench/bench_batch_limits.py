@@ -1,8 +1,8 @@
 """What a batch over the record limit costs before its 413: seconds, and the anonymous memory
 of the worker that refuses it (sampled from /proc/PID/smaps_rollup while it works), then how
-long /health waits while four such batches arrive at once.
+long /health waits while four such batches arrive at once at the same worker(s).
 
-    .venv/bin/python bench/bench_batch_limits.py [--mib 16]
+    .venv/bin/python bench/bench_batch_limits.py [--mib 16] [--workers 1]
 
 The bodies: `{}` lines (NDJSON) and an array of `{}` (JSON), each just under the byte limit,
 so only the record limit (10,000) refuses them.
@@ -53,6 +53,8 @@ def health_under_four(server: Server, content_type: str, body: bytes) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=16, help="body size in MiB (default 16, the default limit)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="workers of the server the four batches and /health share (default 1: its threads)")
     args = parser.parse_args()
     size = args.mib * 1024 * 1024
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,14 +66,14 @@ def main() -> None:
                 one(workers, workers.worker_pids()[0], content_type, body)
         finally:
             workers.kill()
-        five = Server(Path(tmp) / "five.db", Path(tmp) / "five.log", workers=5,
-                      env={"RECORDS_MAX_BATCH_BYTES": str(size)}).start()
+        shared = Server(Path(tmp) / "shared.db", Path(tmp) / "shared.log", workers=args.workers,
+                        env={"RECORDS_MAX_BATCH_BYTES": str(size)}).start()
         try:
             for name, (content_type, body) in bodies(size).items():
-                print(f"{name}, 5 workers:")
-                health_under_four(five, content_type, body)
+                print(f"{name}, {args.workers} worker(s):")
+                health_under_four(shared, content_type, body)
         finally:
-            five.kill()
+            shared.kill()
 
 
 if __name__ == "__main__":

@@ -161,10 +161,15 @@ def with_request_id(row: tuple, request_id: str) -> tuple:
     return (*row[:7], request_id, row[8].replace(f'"request_id": "{row[7]}"', f'"request_id": "{request_id}"'))
 
 
-def post_rows(records: int, clinics: int, rng_seed: int) -> list[tuple]:
-    """Single records as POST /tests makes them: a client's test_id, the request's own id, now."""
+def post_rows(records: int, clinics: int, rng_seed: int, clinic: str | None = None) -> list[tuple]:
+    """Single records as POST /tests makes them: a client's test_id, the request's own id, now;
+    of random clinics (weighted as seed weighs them), or all of `clinic`."""
     out = []
-    for row in seed.seed_rows(records, clinics, datetime.now(timezone.utc), rng_seed=rng_seed, run="post"):
+    made = seed.seed_rows(records * (clinics if clinic else 1), clinics, datetime.now(timezone.utc),
+                          rng_seed=rng_seed, run="post")
+    for row in (row for row in made if clinic in (None, row[1])):
+        if len(out) == records:
+            break
         test_id = f"lab-{uuid.uuid4().hex[:16]}"
         row = (test_id, *row[1:8], row[8].replace(f'"test_id": "{row[0]}"', f'"test_id": "{test_id}"'))
         out.append(with_request_id(row, str(uuid.uuid4())))
@@ -459,6 +464,9 @@ def main() -> int:
     p.add_argument("--queries", type=int, default=2000, help="page queries per filter and mmap setting")
     p.add_argument("--chunk", type=int, default=1000, help="rows per transaction while loading")
     p.add_argument("--tmpdir", default=None, help="where the scratch databases go")
+    p.add_argument("--frames-clinic", default=None, metavar="CLINIC",
+                   help="every single insert into this clinic (e.g. C0001, the largest): a clinic's steady state, "
+                        "rather than the first insert into each of many clinics after the load")
     p.add_argument("--no-migration", action="store_true", help="skip the migrations from a loaded A (and A's load when A is not listed)")
     args = p.parse_args()
     names = args.layouts.split(",")
@@ -472,7 +480,7 @@ def main() -> int:
     rows = list(seed.seed_rows(args.records, args.clinics, datetime.now(timezone.utc), rng_seed=1))
     interleaved = batches(rows, args.chunk)
     by_clinic = batches(in_order(rows, "clinic"), args.chunk)
-    posts = post_rows(2 * args.inserts, args.clinics, rng_seed=2)
+    posts = post_rows(2 * args.inserts, args.clinics, rng_seed=2, clinic=args.frames_clinic)
     queries = page_queries(rows, args.queries, rng_seed=3)
     seqs = count(time.time_ns() // 1000)
     figures = {name: Figures() for name in names}

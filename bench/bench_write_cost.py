@@ -7,8 +7,9 @@ runs), then prints:
 - bytes on disk per record (the database file after a full checkpoint, and the WAL);
 - WAL frames per insert amortised over 1,000 single-record inserts (`SQLiteStore.insert`, what
   POST /tests calls) into random clinics, with the counters' folds they cause (every second).
-  These come first: a seed packs every page full, so the first insert into each clinic splits
-  its last leaf (3 more frames), which steady ingest does once in ~8 inserts;
+  A clinic's newest records land inside the clustered table, 500 places at once, and SQLite's
+  rebalancing leaves that leaf nearly full again, so about one insert in three splits it (3
+  more frames; bench_layouts.py --frames-clinic sees the same in steady ingest);
 - then WAL frames of single-record inserts, each measured alone after a TRUNCATE checkpoint
   (folds off): median, mean and max of 200 into random clinics;
 - the in-process time of correcting the record holding the largest clinic's earliest

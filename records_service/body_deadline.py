@@ -43,51 +43,49 @@ class Alarm:
 class Watchdog:
     """Calls each armed callback at its deadline (time.monotonic) unless it was disarmed first.
 
-    One thread for every alarm of the process, started on the first one (after gunicorn has
-    forked the worker); a thread per request would cost more than the request itself.
+    One thread for every alarm of the process, started with the first one (after gunicorn has
+    forked the worker): a thread per request would cost more than the request itself. It looks
+    every `resolution_s`, so an alarm goes off up to that late; arming and disarming then only
+    take a lock, never wake the thread.
     """
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
+    def __init__(self, resolution_s: float = 0.1) -> None:
+        self._resolution_s = resolution_s
+        self._lock = threading.Lock()
         self._alarms: list[tuple[float, int, Alarm]] = []
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
 
     def arm(self, deadline: float, callback: Callable[[], None]) -> Alarm:
         alarm = Alarm(deadline, callback)
-        with self._cond:
+        with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="body-deadline", daemon=True)
                 self._thread.start()
             heapq.heappush(self._alarms, (deadline, next(self._order), alarm))
-            if self._alarms[0][2] is alarm:
-                self._cond.notify()
         return alarm
 
     def disarm(self, alarm: Alarm) -> bool:
         """Disarm `alarm`; True when it had already gone off."""
-        with self._cond:
+        with self._lock:
             alarm.disarmed = True
             return alarm.fired
 
     def _run(self) -> None:
-        with self._cond:
-            while True:
-                while self._alarms and self._alarms[0][2].disarmed:
-                    heapq.heappop(self._alarms)
-                if not self._alarms:
-                    self._cond.wait()
-                    continue
-                wait = self._alarms[0][0] - time.monotonic()
-                if wait > 0:
-                    self._cond.wait(wait)
-                    continue
-                alarm = heapq.heappop(self._alarms)[2]
-                alarm.fired = True
-                try:
-                    alarm.callback()
-                except Exception:  # the watchdog must outlive any one callback
-                    log.exception("body deadline callback failed")
+        while True:
+            time.sleep(self._resolution_s)
+            now = time.monotonic()
+            with self._lock:
+                # Disarmed alarms leave when they reach the front: no search on every disarm.
+                while self._alarms and (self._alarms[0][2].disarmed or self._alarms[0][0] <= now):
+                    alarm = heapq.heappop(self._alarms)[2]
+                    if alarm.disarmed:
+                        continue
+                    alarm.fired = True
+                    try:
+                        alarm.callback()
+                    except Exception:  # the watchdog must outlive any one callback
+                        log.exception("body deadline callback failed")
 
 
 class BodyDeadline:
@@ -130,7 +128,7 @@ class BodyTimeout:
 
     def __init__(self, timeout_ms: int) -> None:
         self._timeout_s = timeout_ms / 1000
-        self._watchdog = Watchdog()
+        self._watchdog = Watchdog(resolution_s=min(0.1, self._timeout_s / 10))
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.body_deadline = BodyDeadline(self._watchdog, req.env.get("gunicorn.socket"),

@@ -155,6 +155,10 @@ class Export:
         resp.stream = _ndjson(first, chunks, req.context.request_id)
 
 
+class ExportAborted(Exception):
+    """Raised out of an export's stream so that the server aborts the response."""
+
+
 def _ndjson(first: list[str], chunks: Generator[list[str], None, None], request_id: str) -> Iterator[bytes]:
     """Encode the chunks, `first` then the rest, as NDJSON lines, then log the export's own
     completion line.
@@ -178,7 +182,9 @@ def _ndjson(first: list[str], chunks: Generator[list[str], None, None], request_
     except Exception as exc:
         # Deliberately broad: whatever broke mid-stream, the response cannot be completed.
         outcome, cause = "export failed", f"{type(exc).__name__}: {exc}"
-        raise
+        # The server logs what it aborted after this generator has let go of the request ID:
+        # the ID in the message still finds that line with grep.
+        raise ExportAborted(f"export of request {request_id} aborted after {count} records") from exc
     finally:
         chunks.close()
         token = request_id_var.set(request_id)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 from typing import Callable, Mapping
 
 from dotenv import load_dotenv

@@ -574,6 +574,8 @@ def admin(url: str, *statements: str) -> list:
             cursor = conn.execute(statement)
             rows = cursor.fetchall() if cursor.description else []
         return rows
+
+
 NGINX_CONF = REPO / "deploy" / "nginx.conf"
 
 
@@ -650,10 +652,18 @@ class Nginx:
         path = self.directory / "error.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def access_log(self) -> list[dict]:
-        """nginx's access log, one JSON object a line; a line that is not JSON fails the test."""
+    def access_log(self, waiting_for: int = 0, deadline_s: float = 5) -> list[dict]:
+        """nginx's access log, one JSON object a line; a line that is not JSON fails the test.
+
+        nginx writes a request's line after its response has gone out, so a client can read the
+        answer before the line exists: wait (up to the deadline) for at least `waiting_for` lines."""
         path = self.directory / "access.log"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        deadline = time.monotonic() + deadline_s
+        while True:
+            lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+            if len(lines) >= waiting_for or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.02)
 
     def stop(self) -> None:
         """SIGKILL the master and its workers (their own process group)."""

@@ -61,6 +61,8 @@ def test_a_password_never_reaches_an_error_or_a_message():
     assert "s3cret" not in str(refused.value) and "RECORDS_DATABASE_URL" in str(refused.value)
     named = load_settings({"RECORDS_DATABASE_URL": "postgresql://admin:s3cret@db/records"}).database_name()
     assert named == "postgresql://admin:***@db/records"
+
+
 @pytest.mark.parametrize("name, value, unit", [
     ("RECORDS_MAX_BODY_BYTES", "1MB", "bytes"), ("RECORDS_MAX_BATCH_BYTES", "16 MiB", "bytes"),
     ("RECORDS_BUSY_TIMEOUT_MS", "5s", "milliseconds"), ("RECORDS_MAX_BODY_BYTES", "0", "bytes"),
@@ -108,7 +110,7 @@ def test_a_misspelled_setting_is_warned_about_naming_the_closest_one():
     assert warnings == [
         "RECORDS_COLOUR is not a records_service setting and is ignored: the settings are RECORDS_DB_PATH, "
         "RECORDS_LOG_LEVEL, RECORDS_MAX_BODY_BYTES, RECORDS_MAX_BATCH_BYTES, RECORDS_AUTH, RECORDS_SYNCHRONOUS, "
-        "RECORDS_BUSY_TIMEOUT_MS, RECORDS_BODY_TIMEOUT_MS, RECORDS_DATABASE_URL",
+        "RECORDS_BUSY_TIMEOUT_MS, RECORDS_BODY_TIMEOUT_MS",
         "RECORDS_MAX_BODY_BYTE is not a records_service setting and is ignored: did you mean RECORDS_MAX_BODY_BYTES?",
         "records_auth_mode is not a records_service setting and is ignored: did you mean RECORDS_AUTH?",
     ]

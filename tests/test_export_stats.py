@@ -13,8 +13,8 @@ import falcon.testing
 import pytest
 
 from records_service.app import create_app
-from records_service.store import open_store
 from records_service.store.sqlite import SQLiteStore as Store
+from records_service.store import open_store
 from records_service.validate import client_fields, timestamp_from_sort_key
 from records_service.logs import JsonFormatter
 from records_service.seed import seed_rows

@@ -6,7 +6,6 @@ import http.client
 import json
 import signal
 import socket
-import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor

@@ -3,7 +3,6 @@ transaction per page with the source's progress (on the store the settings name)
 
 import pytest
 
-from records_service.config import Settings
 from records_service.store import open_store
 from records_service.store.imports import MAX_FAILURES, ImportConflict, advance, judge
 
@@ -11,8 +10,8 @@ NOW = "2025-06-01T12:00:00.000Z"
 
 
 @pytest.fixture
-def store(tmp_path):
-    store = open_store(Settings(db_path=str(tmp_path / "records.db")))
+def store(settings):
+    store = open_store(settings)
     yield store
     store.close()
 
@@ -72,6 +71,7 @@ def test_a_page_out_of_turn_is_a_conflict(page, request_id):
         advance(state, "s", position(page, {"url": "u3"}), [], request_id=request_id, now=NOW)
 
 
+@pytest.mark.both_engines
 def test_a_page_and_the_progress_commit_together_or_not_at_all(store, clean):
     store.import_page("s", [(0, {**clean, "test_id": "A-1"})], position(1, {"url": "u2"}), request_id="r1",
                       key_id="import:s", now=NOW)
@@ -84,3 +84,16 @@ def test_a_page_and_the_progress_commit_together_or_not_at_all(store, clean):
     assert [run["source"] for run in store.import_runs()] == ["s"]
     assert store.audit("r1") == [{"test_id": "A-1", "version": 1, "action": "create", "at": NOW, "clinic_id": "C001",
                                   "key_id": "import:s"}]
+
+
+@pytest.mark.both_engines
+def test_a_page_creates_updates_and_leaves_alone_as_judged_and_counts_it(store, clean):
+    first, changed = {**clean, "test_id": "A-1"}, {**clean, "test_id": "A-1", "result": 9.9}
+    state = store.import_page("s", [(0, first), (1, changed), (2, {**clean, "test_id": "A-2"})],
+                              position(1, {"url": "u2"}, fetched=3), request_id="r1", key_id="import:s", now=NOW)
+    assert (state["created"], state["updated"], state["unchanged"]) == (2, 1, 0)
+    state = store.import_page("s", [(0, changed)], position(2, None), request_id="r1", key_id="import:s", now=NOW)
+    assert (state["unchanged"], state["complete"]) == (1, True)
+    assert store.current("A-1").version == 2
+    assert store.history_json("A-1")[1] == 2
+    assert store.clinic_stats(clean["clinic_id"])["total"] == 2

@@ -80,7 +80,6 @@ def test_unknown_wrong_secret_and_revoked_keys_are_rejected_with_their_reason(st
         keys.authenticate(store, token)
 
 
-@pytest.mark.both_engines
 def test_an_unknown_key_id_costs_what_a_wrong_secret_for_a_known_one_costs(store):
     """Statistical, not a seam counting hash calls: most of the gap was the store's work for a
     found key (its row, its JSON columns), which a count of hashes would not see. Interleaved
@@ -105,6 +104,7 @@ def test_an_unknown_key_id_costs_what_a_wrong_secret_for_a_known_one_costs(store
     assert 0.8 < ratio < 1.25, f"an unknown key id costs {ratio:.2f} of a wrong secret"
 
 
+@pytest.mark.both_engines
 def test_revoking_twice_keeps_the_first_time_and_an_unknown_key_is_none(store):
     key_id, _ = keys.create_key(store, name="lab", roles=["read"], clinics=["C001"], now=NOW)
     first, changed = store.revoke_key(key_id, NOW)

@@ -57,7 +57,7 @@ def test_records_go_through_nginx_and_one_request_id_names_them_in_both_logs(sta
     assert listed.status == 200 and [r["test_id"] for r in listed.json()] == ["via-nginx"]
     spoofed = proxy.request("GET", "/health", headers={"X-Request-ID": "not well formed!"})
 
-    nginx_ids = {line["request_id"]: line for line in proxy.access_log()}
+    nginx_ids = {line["request_id"]: line for line in proxy.access_log(waiting_for=3)}
     app_ids = {line["request_id"] for line in server.log_lines() if line["message"] == "request completed"}
     for resp in (created, listed, spoofed):
         request_id = resp.headers["x-request-id"]
@@ -69,14 +69,26 @@ def test_records_go_through_nginx_and_one_request_id_names_them_in_both_logs(sta
 def test_the_services_own_errors_pass_through_untouched(start_server, start_nginx):
     server = start_server(workers=1)
     proxy = start_nginx([upstream(server)])
-    # Over the service's 1 MiB for one record, under nginx's 16 MiB: the service answers.
-    too_large = proxy.request("POST", "/tests", b"x" * (1_048_576 + 1), {"Content-Type": "application/json"})
-    assert too_large.status == 413 and "1048576" in too_large.json()["detail"]
+    # A declared length over the service's limit: the service answers 413 before reading it.
+    too_large = proxy.request("POST", "/tests", b"x" * 100, {"Content-Type": "text/plain"})
+    assert too_large.status == 415 and too_large.headers["content-type"] == "application/problem+json"
     invalid = proxy.request("POST", "/tests", {**make_record("x"), "result": True})
     assert invalid.status == 400 and invalid.json()["errors"][0]["field"] == "result"
     unknown = proxy.request("GET", "/no/such/path")
     assert unknown.status == 404 and unknown.headers["content-type"] == "application/problem+json"
-    assert [line["status"] for line in served(server)] == [413, 400, 404]
+    assert [line["status"] for line in served(server)] == [415, 400, 404]
+
+
+def test_a_body_over_the_services_limit_is_refused_by_nginx_with_that_limit_never_a_502(start_server,
+                                                                                        start_nginx):
+    server = start_server(workers=1)
+    proxy = start_nginx([upstream(server)])
+    for _ in range(5):  # the service would answer without reading it: a race nginx lost as 502
+        one = proxy.request("POST", "/tests", b"x" * (1_048_576 + 1), {"Content-Type": "application/json"})
+        assert one.status == 413 and "1048576" in one.json()["detail"], one.body
+    batch = proxy.request("POST", "/tests/_batch", b"{}\n" * 1000, {"Content-Type": "application/x-ndjson"})
+    assert batch.status == 200  # a batch of 3 KB passes the batch location
+    assert [line["status"] for line in served(server)] == [200]
 
 
 LONG = "a" * 5000
@@ -112,7 +124,7 @@ def test_a_stalled_body_is_cut_off_by_nginx_and_never_reaches_gunicorn(start_ser
     # nginx closes the connection (and logs 408), or answers 408 problem+json.
     assert answer == b"" or assert_problem(parse_raw_response(answer), 408, "request-timeout")
     assert 9 <= elapsed < 15, f"cut off after {elapsed:.1f}s"
-    assert [line["status"] for line in proxy.access_log() if line["request_id"] == "stalled-at-nginx"] == [408]
+    assert [line["status"] for line in proxy.access_log(waiting_for=1) if line["request_id"] == "stalled-at-nginx"] == [408]
     assert server.log_lines() and not any(line.get("request_id") == "stalled-at-nginx" for line in server.log_lines())
 
 

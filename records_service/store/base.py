@@ -201,10 +201,20 @@ class EngineStore:
     _records: object
     _counters: object
     _keys: object
+    _imports: object
     _cursor_secret: bytes | None = None
 
     def _write(self, work):
         raise NotImplementedError
+
+    def _wrote(self, clinics: Iterable[str], count: int) -> None:
+        """Told after a commit where `count` new records went (SQLite folds its counters then)."""
+
+    def open(self) -> None:
+        self._db.connection()
+
+    def close(self) -> None:
+        self._db.close()
 
     def correct(self, record: dict, *, expected: frozenset[int], request_id: str, key_id: str | None = None,
                 now: str) -> Stored:
@@ -237,7 +247,8 @@ class EngineStore:
         return self._records.audit(self._db, request_id)
 
     def list_page(self, filters: dict[str, str], after_seq: int, limit: int) -> tuple[str, int, int | None]:
-        return self._records.list_page(self._db, filters, after_seq, limit)
+        sql, params = self._records.select_records(filters, after_seq, limit + 1)
+        return page_of(self._db.read(sql, params), limit)
 
     def export_docs(self, filters: dict[str, str], chunk_rows: int = 1000) -> Iterator[list[str]]:
         return self._records.export_docs(self._db, filters, chunk_rows)
@@ -253,6 +264,22 @@ class EngineStore:
 
     def count(self) -> int:
         return self._db.read("SELECT count(*) FROM records")[0][0]
+
+    def import_progress(self, source: str) -> dict | None:
+        return self._imports.progress(self._db, source)
+
+    def import_runs(self) -> list[dict]:
+        return self._imports.runs(self._db)
+
+    def import_page(self, source: str, items: list[tuple[int, dict]], position: dict, *, request_id: str,
+                    key_id: str, now: str) -> dict:
+        state, outcomes, clinics, created = self._write(lambda conn: self._imports.store_page(
+            conn, source, items, position, request_id=request_id, key_id=key_id, now=now))
+        log.info("committed", extra={"page": position["page"], "records_created": created,
+                                     "updated": sum(1 for o in outcomes if o["outcome"] == "updated"),
+                                     "unchanged": sum(1 for o in outcomes if o["outcome"] == "unchanged")})
+        self._wrote(clinics, created)
+        return state
 
     def create_key(self, **key) -> None:
         self._keys.create_key(self._db, **key)

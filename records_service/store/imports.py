@@ -10,6 +10,8 @@ run's position, counts and first failures, and the watermark of the last complet
 
 from __future__ import annotations
 
+import json
+
 from ..validate import VOIDED_STATUS, client_fields
 
 MAX_FAILURES = 100
@@ -73,3 +75,24 @@ def _check_turn(state: dict | None, page: int, request_id: str) -> None:
             raise ImportConflict(f"run {state['request_id']} of this source is under way")
     elif state is None or state["request_id"] != request_id or state["pages"] != page - 1:
         raise ImportConflict("another run of this source committed meanwhile")
+
+
+# A source's progress as every engine stores it: one row, its JSON-valued columns as JSON text.
+PROGRESS_COLUMNS = ("source", "request_id", "started_at", "updated_at", "complete", "next", "since", *COUNTS,
+                    "failures", "watermark", "run_watermark")
+_JSON_COLUMNS = ("next", "failures", "watermark", "run_watermark")
+
+
+def progress_of(row: tuple) -> dict:
+    """The progress a stored row (PROGRESS_COLUMNS) holds."""
+    state = dict(zip(PROGRESS_COLUMNS, row))
+    for name in _JSON_COLUMNS:
+        state[name] = None if state[name] is None else json.loads(state[name])
+    state["complete"] = bool(state["complete"])
+    return state
+
+
+def progress_row(state: dict) -> tuple:
+    """The row (PROGRESS_COLUMNS) that stores a progress."""
+    return tuple(json.dumps(state[name]) if name in _JSON_COLUMNS and state[name] is not None
+                 else int(state[name]) if name == "complete" else state[name] for name in PROGRESS_COLUMNS)

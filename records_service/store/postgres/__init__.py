@@ -18,7 +18,7 @@ import psycopg
 
 from ..base import EngineStore, WriterSlots, prepare
 from ..errors import DuplicateRecord
-from . import counters, keys, maintenance, records
+from . import counters, imports, keys, maintenance, records
 from .connection import Database
 from .migrations import SCHEMA_VERSION, current_version, migrate
 
@@ -31,7 +31,7 @@ class _NothingStored(Exception):
 
 class PostgresStore(EngineStore):
     engine = "postgresql"
-    _records, _counters, _keys = records, counters, keys
+    _records, _counters, _keys, _imports = records, counters, keys, imports
 
     def __init__(self, url: str, *, busy_timeout_ms: int = 5000, writers: int | None = None) -> None:
         self.url = url
@@ -44,12 +44,6 @@ class PostgresStore(EngineStore):
         self._slots = WriterSlots(writers, wait_s=busy_timeout_ms / 1000)
 
     # -- life cycle ------------------------------------------------------------------------
-
-    def open(self) -> None:
-        self._db.connection()
-
-    def close(self) -> None:
-        self._db.close()
 
     def migrate(self) -> int:
         self._db.connection()  # opening migrates

@@ -31,7 +31,7 @@ FOLD_EVERY_RECORDS = 2000
 
 class SQLiteStore(EngineStore):
     engine = "sqlite"
-    _records, _counters, _keys = records, counters, keys
+    _records, _counters, _keys, _imports = records, counters, keys, imports
 
     def __init__(self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000,
                  writers: int | None = None) -> None:
@@ -45,12 +45,6 @@ class SQLiteStore(EngineStore):
         self._last_fold = time.monotonic()
 
     # -- life cycle ------------------------------------------------------------------------
-
-    def open(self) -> None:
-        self._db.connection()
-
-    def close(self) -> None:
-        self._db.close()
 
     def migrate(self) -> int:
         """Migrate, then count every clinic's tail (what a process killed before its fold left)."""
@@ -172,24 +166,6 @@ class SQLiteStore(EngineStore):
                 "journal_mode": self._db.read("PRAGMA journal_mode")[0][0],
                 "database_bytes": file_size(self.path),
                 "wal_bytes": file_size(self.path + "-wal")}
-
-    # -- imports from upstream APIs --------------------------------------------------------
-
-    def import_progress(self, source: str) -> dict | None:
-        return imports.progress(self._db, source)
-
-    def import_runs(self) -> list[dict]:
-        return imports.runs(self._db)
-
-    def import_page(self, source: str, items: list[tuple[int, dict]], position: dict, *, request_id: str,
-                    key_id: str, now: str) -> dict:
-        state, outcomes, clinics, created = self._write(lambda conn: imports.store_page(
-            conn, source, items, position, request_id=request_id, key_id=key_id, now=now))
-        log.info("committed", extra={"page": position["page"], "records_created": created,
-                                     "updated": sum(1 for o in outcomes if o["outcome"] == "updated"),
-                                     "unchanged": sum(1 for o in outcomes if o["outcome"] == "unchanged")})
-        self._wrote(clinics, created)
-        return state
 
     # -- whole database --------------------------------------------------------------------
 

@@ -7,38 +7,22 @@ import json
 import sqlite3
 
 from ..base import prepare
-from ..imports import COUNTS, advance, judge
+from ..imports import PROGRESS_COLUMNS, advance, judge, progress_of, progress_row
 from . import records
 from .connection import Database
 
-_COLUMNS = ("source", "request_id", "started_at", "updated_at", "complete", "next", "since", *COUNTS, "failures",
-            "watermark", "run_watermark")
-_JSON_COLUMNS = ("next", "failures", "watermark", "run_watermark")
-_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM import_progress"
-_SAVE = (f"INSERT OR REPLACE INTO import_progress ({', '.join(_COLUMNS)})"
-         f" VALUES ({', '.join('?' * len(_COLUMNS))})")
-
-
-def _state(row: tuple) -> dict:
-    state = dict(zip(_COLUMNS, row))
-    for name in _JSON_COLUMNS:
-        state[name] = None if state[name] is None else json.loads(state[name])
-    state["complete"] = bool(state["complete"])
-    return state
-
-
-def _params(state: dict) -> tuple:
-    return tuple(json.dumps(state[name]) if name in _JSON_COLUMNS and state[name] is not None
-                 else int(state[name]) if name == "complete" else state[name] for name in _COLUMNS)
+_SELECT = f"SELECT {', '.join(PROGRESS_COLUMNS)} FROM import_progress"
+_SAVE = (f"INSERT OR REPLACE INTO import_progress ({', '.join(PROGRESS_COLUMNS)})"
+         f" VALUES ({', '.join('?' * len(PROGRESS_COLUMNS))})")
 
 
 def progress(db: Database, source: str) -> dict | None:
     rows = db.read(f"{_SELECT} WHERE source = ?", (source,))
-    return _state(rows[0]) if rows else None
+    return progress_of(rows[0]) if rows else None
 
 
 def runs(db: Database) -> list[dict]:
-    return [_state(row) for row in db.read(f"{_SELECT} ORDER BY source")]
+    return [progress_of(row) for row in db.read(f"{_SELECT} ORDER BY source")]
 
 
 def store_page(conn: sqlite3.Connection, source: str, items: list[tuple[int, dict]], position: dict, *,
@@ -78,6 +62,6 @@ def store_page(conn: sqlite3.Connection, source: str, items: list[tuple[int, dic
     created = sum(1 for o in outcomes if o["outcome"] == "created")
     flush()
     row = conn.execute(f"{_SELECT} WHERE source = ?", (source,)).fetchone()
-    state = advance(_state(row) if row else None, source, position, outcomes, request_id=request_id, now=now)
-    conn.execute(_SAVE, _params(state))
+    state = advance(progress_of(row) if row else None, source, position, outcomes, request_id=request_id, now=now)
+    conn.execute(_SAVE, progress_row(state))
     return state, outcomes, clinics, created

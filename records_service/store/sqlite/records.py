@@ -14,7 +14,7 @@ from itertools import islice
 from typing import Callable, Iterable, Iterator
 
 from ...validate import timestamp_sort_key
-from ..base import Stored, page_of, record_conditions, stored_doc
+from ..base import Stored, record_conditions, stored_doc
 from ..errors import DuplicateRecord, VersionMismatch
 from . import counters
 from .connection import Database, translate
@@ -134,11 +134,6 @@ def select_records(filters: dict[str, str], after_seq: int = 0, limit: int | Non
         sql += " LIMIT ?"
         params.append(limit)
     return sql, params
-
-
-def list_page(db: Database, filters: dict[str, str], after_seq: int, limit: int) -> tuple[str, int, int | None]:
-    sql, params = select_records(filters, after_seq, limit + 1)
-    return page_of(db.read(sql, params), limit)
 
 
 def export_docs(db: Database, filters: dict[str, str], chunk_rows: int) -> Iterator[list[str]]:
