@@ -110,7 +110,7 @@ def test_a_misspelled_setting_is_warned_about_naming_the_closest_one():
     assert warnings == [
         "RECORDS_COLOUR is not a records_service setting and is ignored: the settings are RECORDS_DB_PATH, "
         "RECORDS_LOG_LEVEL, RECORDS_MAX_BODY_BYTES, RECORDS_MAX_BATCH_BYTES, RECORDS_AUTH, RECORDS_SYNCHRONOUS, "
-        "RECORDS_BUSY_TIMEOUT_MS, RECORDS_BODY_TIMEOUT_MS",
+        "RECORDS_BUSY_TIMEOUT_MS, RECORDS_BODY_TIMEOUT_MS, RECORDS_DATABASE_URL",
         "RECORDS_MAX_BODY_BYTE is not a records_service setting and is ignored: did you mean RECORDS_MAX_BODY_BYTES?",
         "records_auth_mode is not a records_service setting and is ignored: did you mean RECORDS_AUTH?",
     ]

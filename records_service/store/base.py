@@ -84,12 +84,13 @@ def action_of(version: int, status: str) -> str:
 class WriterSlots:
     """At most `writers` threads of this process inside a write at once (None: no bound). While
     writes flow, a write waits up to `wait_s` for a slot; as soon as none has been given back for
-    WRITES_STUCK_S, it is refused (at once, or mid-wait), so waiting writes never keep the
-    threads reads need."""
+    `stuck_s`, it is refused (at once, or mid-wait), so waiting writes never keep the threads
+    reads need."""
 
-    def __init__(self, writers: int | None, wait_s: float = WRITE_SLOT_WAIT_S) -> None:
+    def __init__(self, writers: int | None, wait_s: float = WRITE_SLOT_WAIT_S, stuck_s: float = WRITES_STUCK_S) -> None:
         self._slots = threading.BoundedSemaphore(writers) if writers else None
         self._wait_s = wait_s
+        self._stuck_s = stuck_s
         self._slot_given_back = time.monotonic()
 
     def run(self, write: Callable[[], T]) -> T:
@@ -110,9 +111,9 @@ class WriterSlots:
         deadline = time.monotonic() + self._wait_s
         while True:
             now = time.monotonic()
-            if now - self._slot_given_back >= WRITES_STUCK_S or now >= deadline:
+            if now - self._slot_given_back >= self._stuck_s or now >= deadline:
                 return False
-            if self._slots.acquire(timeout=min(WRITES_STUCK_S / 5, deadline - now)):
+            if self._slots.acquire(timeout=min(self._stuck_s / 5, deadline - now)):
                 self._slot_given_back = time.monotonic()
                 return True
 
