@@ -42,13 +42,12 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from common import (BENCH_DIR, ROOT, BenchError, Run, Server, add_with_sql_argument, clean_env, free_port,
-                    gunicorn_argv, load_arguments, log, measure, noisy_warning, parse_load_arguments, profile_summary,
-                    py_spy, py_spy_done, run_benchmark, server_settings, summarise, with_sql, wrk_once)
+from common import (BENCH_DIR, ROOT, BenchError, Run, Server, add_with_sql_argument, clean_env, finish, free_port,
+                    gunicorn_argv, load_arguments, log, measure, parse_load_arguments, profile_summary, py_spy,
+                    py_spy_done, run_benchmark, server_settings, summarise, with_sql, wrk_once)
 from records_service import seed  # common put the repository on sys.path
 from records_service.store.sqlite import records as store
 
@@ -330,16 +329,21 @@ def report(results: dict, args) -> str:
 
 # -- main --------------------------------------------------------------------------------------
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = load_arguments(__doc__, "bare/ours")
+def add_database_arguments(p: argparse.ArgumentParser) -> None:
+    """The seeded database and the batch load (bench_engines.py takes them too)."""
     p.set_defaults(timeout=10)
     p.add_argument("--db", default="/tmp/records-bench-1m.db", help="the seeded database (built when missing)")
     p.add_argument("--records", type=int, default=1_000_000, help="records in --db (a smaller one for a quick run)")
     p.add_argument("--clinics", type=int, default=500, help="clinics the records are spread over")
     p.add_argument("--batch-connections", type=int, default=8, help="wrk connections for batch ingest")
+    p.add_argument("--tmpdir", default=None, help="where the working copy of the database and the logs go")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = load_arguments(__doc__, "bare/ours")
+    add_database_arguments(p)
     p.add_argument("--scenarios", default="pages,stats,export,batch")
     p.add_argument("--profile", action="store_true", help="profile ours under py-spy during one more batch run")
-    p.add_argument("--tmpdir", default=None, help="where the working copy of the database and the logs go")
     add_with_sql_argument(p)
     args = parse_load_arguments(p, argv)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -378,16 +382,7 @@ def run(args: argparse.Namespace, wrk: str, tmp: Path, servers: list[Server]) ->
         bench_export(ours, base_env, args, tmp, results)
     if "batch" in args.scenarios:
         bench_batch(wrk, ours, base_env, args, tmp, results, db, args.profile)
-    log(report(results, args))
-    warning = noisy_warning(args.all_runs, args.quiet_below)
-    if warning:
-        log(warning)
-    out = BENCH_DIR / "results" / ("scale-" + datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": [sys.executable, *sys.argv], "results": results,
-                               "runs": [{"scenario": r.scenario, "app": r.app, "round": r.round, **r.result}
-                                        for r in args.all_runs]}, indent=1))
-    log(f"\nraw results: {out}")
+    finish(report(results, args), results, args.all_runs, args.quiet_below, "scale")
     return 0
 
 

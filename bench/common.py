@@ -487,6 +487,21 @@ def noisy_warning(runs: list[Run], quiet_below: float) -> str | None:
             "(see 'other' on each run line): req/s and ratios are not reliable.")
 
 
+def finish(report: str, results: dict, runs: list[Run], quiet_below: float, prefix: str) -> None:
+    """Log the report and the noise warning, and write the results and every run as JSON to
+    bench/results/PREFIX-<time>.json (git-ignored)."""
+    log(report)
+    warning = noisy_warning(runs, quiet_below)
+    if warning:
+        log(warning)
+    out = BENCH_DIR / "results" / (f"{prefix}-" + datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": [sys.executable, *sys.argv], "results": results,
+                               "runs": [{"scenario": r.scenario, "app": r.app, "round": r.round, **r.result}
+                                        for r in runs]}, indent=1))
+    log(f"\nraw results: {out}")
+
+
 def load_arguments(doc: str, pairs: str) -> argparse.ArgumentParser:
     """A parser with the load options every benchmark here takes; `pairs` names what a round compares."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)

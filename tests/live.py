@@ -288,7 +288,36 @@ class AnonPeak:
         self._thread.join()
 
 
-class Writers:
+class WriterThreads:
+    """Client threads, each running `_write(client_no)` until the block ends."""
+
+    def __init__(self, threads: int) -> None:
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._write, args=(n,)) for n in range(threads)]
+
+    def _write(self, client_no: int) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _wait_until(acknowledged: Callable[[], int], count: int, deadline_s: float) -> None:
+        deadline = time.monotonic() + deadline_s
+        while (got := acknowledged()) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only {got} of {count} writes acknowledged within {deadline_s}s")
+            time.sleep(0.01)
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+class Writers(WriterThreads):
     """Client threads POSTing new records to a server until the block ends.
 
     `acknowledged` lists, in order, the test_ids answered 201. A thread stops at its first
@@ -296,10 +325,9 @@ class Writers:
     """
 
     def __init__(self, server: Server, make_record: Callable[[str], dict], prefix: str, threads: int = 8) -> None:
+        super().__init__(threads)
         self.acknowledged: list[str] = []
         self._server, self._make_record, self._prefix = server, make_record, prefix
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._write, args=(n,)) for n in range(threads)]
 
     def _write(self, client_no: int) -> None:
         i = 0
@@ -314,21 +342,70 @@ class Writers:
             i += 1
 
     def wait_for(self, count: int, deadline_s: float = 30) -> None:
-        deadline = time.monotonic() + deadline_s
-        while len(self.acknowledged) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"only {len(self.acknowledged)} writes acknowledged within {deadline_s}s")
-            time.sleep(0.01)
+        self._wait_until(lambda: len(self.acknowledged), count, deadline_s)
 
-    def __enter__(self) -> "Writers":
-        for t in self._threads:
-            t.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
+@dataclass
+class Answer:
+    """One answer to one POST: its status (None: the connection failed), Retry-After, whether a
+    409 said `identical: true`, and when (time.monotonic()) it was asked and answered."""
+
+    status: int | None
+    retry_after: str | None
+    identical: bool | None
+    started: float
+    ended: float
+
+
+class RetryingWriters(WriterThreads):
+    """Client threads POSTing new records to `port` until the block ends, as a careful client
+    does: the same record again while the answer is 502, 503 or a failed connection (pausing
+    `pause_s`), until another answer comes or `give_up_s` has passed since the first try.
+
+    `answers[test_id]` lists every answer one record got, in order.
+    """
+
+    RETRIED = (502, 503, None)
+
+    def __init__(self, port: int, make_record: Callable[[str], dict], prefix: str, threads: int = 8,
+                 pause_s: float = 0.1, give_up_s: float = 60, timeout_s: float = 30) -> None:
+        super().__init__(threads)
+        self.answers: dict[str, list[Answer]] = {}
+        self._port, self._make_record, self._prefix = port, make_record, prefix
+        self._pause_s, self._give_up_s, self._timeout_s = pause_s, give_up_s, timeout_s
+
+    def _post(self, test_id: str) -> Answer:
+        started = time.monotonic()
+        try:
+            resp = request(self._port, "POST", "/tests", self._make_record(test_id), timeout=self._timeout_s)
+        except (OSError, http.client.HTTPException):
+            return Answer(None, None, None, started, time.monotonic())
+        identical = resp.json().get("identical") if resp.status == 409 else None
+        return Answer(resp.status, resp.headers.get("retry-after"), identical, started, time.monotonic())
+
+    def _write(self, client_no: int) -> None:
+        i = 0
+        while not self._stop.is_set():
+            test_id = f"{self._prefix}{client_no}-{i}"
+            answers = self.answers[test_id] = [self._post(test_id)]
+            give_up = answers[0].started + self._give_up_s
+            while answers[-1].status in self.RETRIED and time.monotonic() < give_up:
+                time.sleep(self._pause_s)
+                answers.append(self._post(test_id))
+            i += 1
+
+    def acknowledged(self) -> list[str]:
+        """The test_ids the service said it holds: answered 201, or 409 with identical true."""
+        return [test_id for test_id, answers in list(self.answers.items())
+                if answers[-1].status == 201 or (answers[-1].status == 409 and answers[-1].identical)]
+
+    def all_answers(self) -> list[Answer]:
+        return [answer for answers in list(self.answers.values()) for answer in answers]
+
+    def wait_for(self, count: int, since: float = 0, deadline_s: float = 30) -> None:
+        """Until `count` answers were 201 that were asked at or after `since` (time.monotonic())."""
+        self._wait_until(lambda: sum(1 for a in self.all_answers() if a.status == 201 and a.started >= since), count,
+                         deadline_s)
 
 
 def postgres_command(command: str) -> str:
@@ -394,6 +471,33 @@ class PostgresCluster:
         name = f"t_{os.getpid()}_{self._databases}"
         admin(self.url("records_tests"), f"CREATE SCHEMA {name}")
         return self.url("records_tests") + f"?options=-csearch_path%3D{name}"
+
+    def add_standby(self, deadline_s: float = 30) -> "PostgresCluster":
+        """A synchronous streaming standby of this cluster, on a port of its own: a base backup
+        (`pg_basebackup -R` writes primary_conninfo and standby.signal), started, then made this
+        cluster's `synchronous_standby_names = '*'`, so a COMMIT returns only once the standby
+        has flushed it. Returns when the primary reports the standby `sync`."""
+        standby = PostgresCluster()
+        if os.geteuid() == 0:
+            shutil.chown(standby.dir, "postgres")
+        standby._run(postgres_command("pg_basebackup"), "-h", "127.0.0.1", "-p", self.port, "-U", "postgres",
+                     "-D", standby.data, "-R", "-X", "stream", "--checkpoint=fast", "--no-sync")
+        with open(standby.data / "postgresql.conf", "a") as conf:
+            conf.write(f"port = {standby.port}\nunix_socket_directories = '{standby.dir}'\n")
+        standby.start_server()
+        admin(self.url(), "ALTER SYSTEM SET synchronous_standby_names = '*'", "SELECT pg_reload_conf()")
+        deadline = time.monotonic() + deadline_s
+        while admin(self.url(), "SELECT sync_state FROM pg_stat_replication") != [("sync",)]:
+            assert time.monotonic() < deadline, f"the standby is not synchronous within {deadline_s}s"
+            time.sleep(0.05)
+        return standby
+
+    def postmaster_pid(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def promote(self) -> None:
+        """Make this standby a primary; returns once it accepts writes."""
+        self._run(postgres_command("pg_ctl"), "-D", self.data, "-w", "-t", "60", "promote")
 
     def destroy(self) -> None:
         try:
