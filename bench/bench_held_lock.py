@@ -17,7 +17,6 @@ import multiprocessing
 import sqlite3
 import statistics
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

@@ -4,7 +4,6 @@ keep being answered while writes wait for the database, and a refused write hear
 from __future__ import annotations
 
 import http.client
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 

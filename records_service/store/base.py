@@ -60,6 +60,18 @@ def stored_doc(record: dict, *, created_at: str, updated_at: str, version: int, 
     return json.dumps(stored, ensure_ascii=False)
 
 
+def next_version(current: dict, expected: frozenset[int], change: Callable[[dict], dict], *, request_id: str,
+                 now: str) -> tuple[dict, int, str]:
+    """The client fields, number and JSON of the version that supersedes `current`, written at
+    `now` by `request_id`, when `current`'s version is one of `expected`; VersionMismatch otherwise."""
+    if current["version"] not in expected:
+        raise VersionMismatch(current["version"])
+    fields = change(current)
+    version = current["version"] + 1
+    return fields, version, stored_doc(fields, created_at=current["created_at"], updated_at=now, version=version,
+                                       request_id=request_id)
+
+
 def prepare(record: dict, request_id: str, now: str) -> NewRow:
     """The row of a validated record at version 1, written at `now` by request `request_id`."""
     return NewRow(record["test_id"], record["clinic_id"], record["patient_id"], record["test_type"],

@@ -15,8 +15,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from ...validate import timestamp_sort_key
-from ..base import Stored, record_conditions, stored_doc
-from ..errors import VersionMismatch
+from ..base import Stored, next_version, record_conditions
 from . import counters
 from .connection import Database, translate
 
@@ -114,13 +113,7 @@ def revise(conn: psycopg.Connection, test_id: str, expected: frozenset[int], cha
     others wait for it, then see its version and get VersionMismatch."""
     clinic_id, test_type, status, doc = conn.execute(
         "SELECT clinic_id, test_type, status, doc FROM records WHERE test_id = %s FOR UPDATE", (test_id,)).fetchone()
-    current = json.loads(doc)
-    if current["version"] not in expected:
-        raise VersionMismatch(current["version"])
-    fields = change(current)
-    version = current["version"] + 1
-    new_doc = stored_doc(fields, created_at=current["created_at"], updated_at=now, version=version,
-                         request_id=request_id)
+    fields, version, new_doc = next_version(json.loads(doc), expected, change, request_id=request_id, now=now)
     conn.execute(
         "UPDATE records SET test_type = %s, status = %s, collected_at = %s, version = %s, request_id = %s,"
         " key_id = %s, doc = %s WHERE test_id = %s",

@@ -14,8 +14,8 @@ from itertools import islice
 from typing import Callable, Iterable, Iterator
 
 from ...validate import timestamp_sort_key
-from ..base import Stored, record_conditions, stored_doc
-from ..errors import DuplicateRecord, VersionMismatch
+from ..base import Stored, next_version, record_conditions
+from ..errors import DuplicateRecord
 from . import counters
 from .connection import Database, translate
 from .migrations import schema_statements
@@ -86,13 +86,7 @@ def revise(conn: sqlite3.Connection, test_id: str, expected: frozenset[int], cha
     clinic_id, seq, test_type, status, collected, doc = conn.execute(
         "SELECT clinic_id, seq, test_type, status, collected_at, doc FROM records WHERE test_id = ?",
         (test_id,)).fetchone()
-    current = json.loads(doc)
-    if current["version"] not in expected:
-        raise VersionMismatch(current["version"])
-    fields = change(current)
-    version = current["version"] + 1
-    new_doc = stored_doc(fields, created_at=current["created_at"], updated_at=now, version=version,
-                         request_id=request_id)
+    fields, version, new_doc = next_version(json.loads(doc), expected, change, request_id=request_id, now=now)
     new_collected = timestamp_sort_key(fields["collected_at"])
     conn.execute(
         "UPDATE records SET test_type = ?, status = ?, collected_at = ?, version = ?, request_id = ?, key_id = ?,"
