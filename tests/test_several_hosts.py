@@ -33,7 +33,12 @@ def test_one_of_two_hosts_killed_under_32_writers_loses_no_acknowledged_record(s
     answers = writers.all_answers()
 
     first_answers = [got[0].status for got in writers.answers.values()]
-    assert set(first_answers) <= {201, 502, 503}, sorted(set(first_answers), key=str)
+    # None: the connection closed with no answer. Seen about once in five runs at the moment of the
+    # kill (nginx cut a client's exchange with the dying host short); a client retries it as it
+    # retries a 502, and what matters holds for it too (below). Counted, so a run says how often.
+    assert set(first_answers) <= {201, 502, 503, None}, sorted(set(first_answers), key=str)
+    no_answer = sum(1 for status in first_answers if status is None)
+    assert no_answer <= 3, f"{no_answer} requests got no answer at all"
     assert set(first_answers) != {201}, f"the kill cut none of {len(first_answers)} requests short"
     unresolved = {test_id: [a.status for a in got] for test_id, got in writers.answers.items()
                   if not (got[-1].status == 201 or (got[-1].status == 409 and got[-1].identical))}
@@ -53,5 +58,5 @@ def test_one_of_two_hosts_killed_under_32_writers_loses_no_acknowledged_record(s
     assert lost == [], f"{len(lost)} acknowledged records are not in the database"
     assert stored <= set(writers.answers)
     print(f"\n{len(writers.answers)} records, {sum(1 for a in answers if a.status == 201)} answers 201, "
-          f"{sum(1 for s in first_answers if s != 201)} first answers 502/503 ({len(answers) - len(writers.answers)} "
+          f"{sum(1 for s in first_answers if s != 201)} first answers 502/503 or none ({len(answers) - len(writers.answers)} "
           "retries)")
