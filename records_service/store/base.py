@@ -86,13 +86,6 @@ def entered_in_error(current: dict) -> dict:
     return {**client_fields(current), "status": VOIDED_STATUS}
 
 
-def action_of(version: int, status: str) -> str:
-    """What writing a version was, as /audit names it."""
-    if version == 1:
-        return "create"
-    return "void" if status == VOIDED_STATUS else "correct"
-
-
 class WriterSlots:
     """At most `writers` threads of this process inside a write at once (None: no bound). While
     writes flow, a write waits up to `wait_s` for a slot; once none has been given back for
