@@ -12,13 +12,14 @@ would have stored for it; the rows are assembled from pre-encoded JSON pieces in
 from __future__ import annotations
 
 import json
+import multiprocessing
 import random
 import secrets
 import sys
 import time
 from array import array
 from datetime import datetime, timedelta
-from itertools import accumulate
+from itertools import accumulate, islice
 from typing import Callable, Iterator, NamedTuple, TextIO
 
 from .validate import utc_millis
@@ -161,10 +162,10 @@ def seed_rows(records: int, clinics: int, now: datetime, *, rng_seed: int | None
 
 def seed_rows_in_key_order(records: int, clinics: int, now: datetime, *, rng_seed: int | None = None,
                            run: str | None = None) -> Iterator[tuple]:
-    """`seed_rows`' rows (the very same for the same `rng_seed` and `run`), each followed by its
-    place in seed_rows (0, 1, ...), grouped by clinic in clinic_id order and in that place's order
-    within a clinic: the order of the records table (clinic_id, seq), so a store can append them
-    without sorting (`Store.load_in_key_order`).
+    """`seed_rows`' rows (the very same, for the same `rng_seed` and `run`) grouped by clinic in
+    clinic_id order, each clinic's in seed_rows' order: the order of the records table (clinic_id,
+    seq), so a store appends them without staging or sorting (`SQLiteStore.bulk_insert`). A
+    seed's records are then written one clinic after another (so /audit lists them).
 
     It draws every row's random numbers first, as seed_rows would (28 bytes a row, kept in arrays),
     then formats one clinic's rows after another: its first row comes after all the draws.
@@ -201,7 +202,45 @@ def seed_rows_in_key_order(records: int, clinics: int, now: datetime, *, rng_see
             test_type, status, middle = middles[middle_of[place]]
             yield (test_id, clinic_id, prefix + patient_number, test_type, status, collected + ".000000000Z", stamp,
                    request_id, f'{{"test_id": "{test_id}{clinic_part}{patient_number}", {middle}, '
-                   f'"collected_at": "{collected}Z"{notes[note_of[place]]}{tail}', place)
+                   f'"collected_at": "{collected}Z"{notes[note_of[place]]}{tail}')
+
+
+def rows_made_in_another_process(make: Callable[..., Iterator[tuple]], *args, **kwargs) -> Iterator[tuple]:
+    """The rows of `make(*args, **kwargs)`, made in a child process (started now) while this one
+    stores them: making a row costs about as much as storing it, and the machine has two cores.
+
+    Rows come through a pipe in pickled chunks of CHUNK_ROWS; the pipe's buffer keeps the child
+    at most a chunk or two ahead. Closing the iterator (the store failed) ends the child.
+    """
+    context = multiprocessing.get_context("spawn")  # never fork a process that may hold threads
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_send_rows, args=(sender, make, args, kwargs), daemon=True,
+                            name="records_service seed rows")
+    child.start()
+    sender.close()
+
+    def rows() -> Iterator[tuple]:
+        try:
+            while (chunk := receiver.recv()) is not None:
+                yield from chunk
+            child.join()
+        except EOFError:
+            raise RuntimeError(f"the process making rows stopped (exit code {child.exitcode})") from None
+        finally:
+            receiver.close()
+            if child.is_alive():
+                child.terminate()
+                child.join()
+
+    return rows()
+
+
+def _send_rows(sender, make: Callable[..., Iterator[tuple]], args: tuple, kwargs: dict) -> None:
+    made = make(*args, **kwargs)
+    while chunk := list(islice(made, CHUNK_ROWS)):
+        sender.send(chunk)
+    sender.send(None)
+    sender.close()
 
 
 class ProgressBar:

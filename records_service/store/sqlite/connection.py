@@ -3,7 +3,7 @@
 Each thread of each process has its own connection (sqlite3 connections are not shared between
 threads, and never carried across fork()): it is opened at the thread's first use and reopened
 when the process id changes. Writers take turns on a file lock before `BEGIN IMMEDIATE`;
-`Database.write` is the only place that begins, commits or rolls back.
+`Database.transaction` is the only place that begins, commits or rolls back.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Callable, Iterable, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from ..errors import StoreBusy, StoreCorrupt, StoreError, StoreFull, StoreReadOnly, StoreUnavailable
 from .migrations import SCHEMA_VERSION, migrate
@@ -226,10 +227,17 @@ class Database:
     # -- writes ----------------------------------------------------------------------------
 
     def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `work` in one BEGIN IMMEDIATE transaction; the only place that begins or commits.
+        """Run `work` in one BEGIN IMMEDIATE transaction (see `transaction`)."""
+        with self.transaction() as conn:
+            return work(conn)
 
-        A sqlite3 error inside becomes a domain error; anything `work` raises on purpose (a
-        duplicate, a version mismatch) rolls back and passes through unchanged.
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One BEGIN IMMEDIATE transaction in the writers' turn; the only place that begins or commits.
+
+        A sqlite3 error inside becomes a domain error; anything raised on purpose (a duplicate,
+        a version mismatch) rolls back and passes through unchanged. A generator may hold it
+        across its yields (a bulk load): closing the generator early rolls back.
         """
         conn = self.connection()
         lock = self._local.writer_lock
@@ -240,7 +248,7 @@ class Database:
         try:
             self._begin_immediate(conn, deadline)
             try:
-                result = work(conn)
+                yield conn
                 conn.execute("COMMIT")
             except BaseException as exc:
                 self._roll_back(conn, exc)
@@ -253,7 +261,6 @@ class Database:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
         self._checkpoint_now_and_then(conn)
-        return result
 
     @staticmethod
     def _roll_back(conn: sqlite3.Connection, cause: BaseException) -> None:
