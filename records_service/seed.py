@@ -237,10 +237,14 @@ def rows_made_in_another_process(make: Callable[..., Iterator[tuple]], *args, **
 
 def _send_rows(sender, make: Callable[..., Iterator[tuple]], args: tuple, kwargs: dict) -> None:
     made = make(*args, **kwargs)
-    while chunk := list(islice(made, CHUNK_ROWS)):
-        sender.send(chunk)
-    sender.send(None)
-    sender.close()
+    try:
+        while chunk := list(islice(made, CHUNK_ROWS)):
+            sender.send(chunk)
+        sender.send(None)
+    except BrokenPipeError:
+        pass  # the reader stopped early (the store failed, or the iterator was closed)
+    finally:
+        sender.close()
 
 
 class ProgressBar:

@@ -144,7 +144,7 @@ class SQLiteStore(EngineStore):
         # re-reads them from the OS for every row).
         conn.execute("PRAGMA cache_size = -262144")
         try:
-            with self._db.transaction() as conn:
+            with self._db.transaction(load=True) as conn:
                 if records.is_empty(conn):
                     yield from records.load_into_empty(conn, rows, chunk_rows)
                     return
