@@ -18,8 +18,10 @@ import secrets
 import sys
 import time
 from array import array
+from collections import deque
 from datetime import datetime, timedelta
-from itertools import accumulate, islice
+from itertools import accumulate, count, islice, repeat
+from operator import add, mul
 from typing import Callable, Iterator, NamedTuple, TextIO
 
 from .validate import utc_millis
@@ -179,17 +181,15 @@ def seed_rows_in_key_order(records: int, clinics: int, now: datetime, *, rng_see
     places_of = [array("q") for _ in range(clinics)]  # each clinic's rows, by their place in seed_rows
     middle_of, note_of, patient_of, second_of = array("H"), array("H"), array("q"), array("q")
 
-    n = 0
-    while n < records:
-        k = min(CHUNK_ROWS, records - n)
+    for start in range(0, records, CHUNK_ROWS):
+        k = min(CHUNK_ROWS, records - start)
         chosen = rng.choices(clinic_numbers, cum_weights=p.cumulative, k=k)
         middle_of.extend(rng.choices(middle_numbers, k=k))  # the same draws as choosing from the pieces
         note_of.extend(rng.choices(note_numbers, k=k))
-        for clinic in chosen:
-            places_of[clinic].append(n)
-            patient_of.append(int(uniform() * patients[clinic]))
-            second_of.append(first_second + int(uniform() * SPAN_S))
-            n += 1
+        draws = [uniform() for _ in range(2 * k)]  # each row's patient, then its second, as seed_rows draws them
+        patient_of.extend(map(int, map(mul, draws[0::2], map(patients.__getitem__, chosen))))
+        second_of.extend(map(add, repeat(first_second), map(int, map(mul, draws[1::2], repeat(SPAN_S)))))
+        deque(map(array.append, map(places_of.__getitem__, chosen), count(start)), maxlen=0)
 
     middles, notes, days, times = p.middles, p.notes, p.days, p.times
     for clinic_id, prefix, places in zip(p.ids, p.patient_prefixes, places_of):
@@ -209,8 +209,9 @@ def rows_made_in_another_process(make: Callable[..., Iterator[tuple]], *args, **
     """The rows of `make(*args, **kwargs)`, made in a child process (started now) while this one
     stores them: making a row costs about as much as storing it, and the machine has two cores.
 
-    Rows come through a pipe in pickled chunks of CHUNK_ROWS; the pipe's buffer keeps the child
-    at most a chunk or two ahead. Closing the iterator (the store failed) ends the child.
+    Rows come through a pipe in pickled chunks of CHUNK_ROWS (unpickling a row costs this process
+    about a fifth of making it); the pipe's buffer keeps the child a chunk or two ahead. Closing
+    the iterator (the store failed) ends the child.
     """
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold threads
     receiver, sender = context.Pipe(duplex=False)
@@ -225,6 +226,7 @@ def rows_made_in_another_process(make: Callable[..., Iterator[tuple]], *args, **
                 yield from chunk
             child.join()
         except EOFError:
+            child.join(5)
             raise RuntimeError(f"the process making rows stopped (exit code {child.exitcode})") from None
         finally:
             receiver.close()
