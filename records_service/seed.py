@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import pickle
+import queue
 import random
 import secrets
 import sys
+import threading
 import time
 from array import array
 from collections import deque
@@ -29,6 +32,8 @@ from .validate import utc_millis
 ZIPF_EXPONENT = 0.9
 TESTS_PER_PATIENT = 8
 CHUNK_ROWS = 10_000
+CHUNKS_AHEAD = 16  # about 70 MB of pickled rows waiting for the reader
+_END = b""  # no pickled chunk is empty
 SPAN_S = 365 * 86_400  # collected_at falls in the year before the seed
 
 # (test_type, unit, low, high, decimals, weight): numeric results, uniform in [low, high].
@@ -210,8 +215,8 @@ def rows_made_in_another_process(make: Callable[..., Iterator[tuple]], *args, **
     stores them: making a row costs about as much as storing it, and the machine has two cores.
 
     Rows come through a pipe in pickled chunks of CHUNK_ROWS (unpickling a row costs this process
-    about a fifth of making it); the pipe's buffer keeps the child a chunk or two ahead. Closing
-    the iterator (the store failed) ends the child.
+    about a fifth of making it), the child up to CHUNKS_AHEAD chunks ahead. Closing the iterator
+    (the store failed) ends the child.
     """
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold threads
     receiver, sender = context.Pipe(duplex=False)
@@ -222,8 +227,8 @@ def rows_made_in_another_process(make: Callable[..., Iterator[tuple]], *args, **
 
     def rows() -> Iterator[tuple]:
         try:
-            while (chunk := receiver.recv()) is not None:
-                yield from chunk
+            while (data := receiver.recv_bytes()) != _END:
+                yield from pickle.loads(data)
             child.join()
         except EOFError:
             child.join(5)
@@ -238,15 +243,35 @@ def rows_made_in_another_process(make: Callable[..., Iterator[tuple]], *args, **
 
 
 def _send_rows(sender, make: Callable[..., Iterator[tuple]], args: tuple, kwargs: dict) -> None:
+    """Make and pickle chunks in this (the child's) main thread; a thread writes them to the pipe.
+
+    The pipe holds 64 KiB, a chunk 4 MB: written from this thread, making rows would stop while
+    the reader is busy storing (inside an executemany of 50,000 rows), and the two processes
+    would take turns instead of running side by side. The queue lets the maker run CHUNKS_AHEAD
+    chunks ahead; the writing thread waits in write(), which holds no GIL.
+    """
+    pickled: queue.Queue = queue.Queue(maxsize=CHUNKS_AHEAD)
+    stopped = threading.Event()
+
+    def write() -> None:
+        try:
+            while (data := pickled.get()) is not None:
+                sender.send_bytes(data)
+            sender.send_bytes(_END)
+        except BrokenPipeError:  # the reader stopped early (the store failed, or the iterator was closed)
+            stopped.set()
+            while pickled.get() is not None:  # so the maker never waits on a full queue
+                pass
+        finally:
+            sender.close()
+
+    writer = threading.Thread(target=write, name="send rows", daemon=True)
+    writer.start()
     made = make(*args, **kwargs)
-    try:
-        while chunk := list(islice(made, CHUNK_ROWS)):
-            sender.send(chunk)
-        sender.send(None)
-    except BrokenPipeError:
-        pass  # the reader stopped early (the store failed, or the iterator was closed)
-    finally:
-        sender.close()
+    while not stopped.is_set() and (chunk := list(islice(made, CHUNK_ROWS))):
+        pickled.put(pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL))
+    pickled.put(None)
+    writer.join()
 
 
 class ProgressBar:
