@@ -103,7 +103,8 @@ def phased_run(path: Path, records: int, clinics: int) -> None:
     log(f"  {'the child making the rows':<44} {'':>7}   {'':>5}    {child:7.2f} s CPU"
         f" ({child / records * 1e6:5.2f} us a record)")
     check = SQLiteStore(str(path)).check()
-    log(f"  check: integrity {check['integrity']}, {check['records']:,} records, counters {check['counter_mismatches']}")
+    log(f"  check: integrity {check['integrity']}, {check['records']:,} records, counters {check['counter_mismatches']};"
+        f" {os.path.getsize(path) / records:,.0f} bytes on disk a record")
 
 
 def main() -> int:

@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/bench_write_cost.py [--records 1000000] [--clinics 500] [--tmpdir DIR]
 
-Seeds --records records over --clinics clinics through `SQLiteStore.bulk_insert` (what `seed`
-runs), then prints:
+Seeds --records records over --clinics clinics through `SQLiteStore.bulk_insert` in key order (what
+`seed` runs), then prints:
 - bytes on disk per record (the database file after a full checkpoint, and the WAL);
 - WAL frames per insert amortised over 1,000 single-record inserts (`SQLiteStore.insert`, what
   POST /tests calls) into random clinics, with the counters' folds they cause (every second).
@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common import log, log_command  # common puts the repository on sys.path
-from records_service.seed import clinic_ids, seed_rows
+from records_service.seed import clinic_ids, seed_rows_in_key_order
 from records_service.store.sqlite import SQLiteStore
 import records_service.store.sqlite as sqlite_engine
 
@@ -60,7 +60,8 @@ def main() -> int:
             first.close()
         store = SQLiteStore(str(path))
         started = time.perf_counter()
-        for _ in store.bulk_insert(seed_rows(args.records, args.clinics, datetime.now(timezone.utc), rng_seed=1)):
+        for _ in store.bulk_insert(seed_rows_in_key_order(args.records, args.clinics, datetime.now(timezone.utc),
+                                                                 rng_seed=1)):
             pass
         log(f"seeded {args.records:,} records over {args.clinics} clinics in {time.perf_counter() - started:.1f} s")
         conn = store._db.connection()
