@@ -146,6 +146,7 @@ def seed_rows(records: int, clinics: int, now: datetime, *, rng_seed: int | None
     p = _pieces(records, clinics, now, rng, run)
     run, stamp, request_id, tail, ids, patients, days, times = (p.run, p.stamp, p.request_id, p.tail, p.ids,
                                                                p.patients, p.days, p.times)
+    patient_prefixes, first_second = p.patient_prefixes, p.first_second
     clinic_numbers = range(clinics)
     uniform = rng.random
 
@@ -159,8 +160,8 @@ def seed_rows(records: int, clinics: int, now: datetime, *, rng_seed: int | None
             n += 1
             test_id = f"seed-{run}-{n:08d}"
             clinic_id = ids[clinic]
-            patient_id = f"{p.patient_prefixes[clinic]}{int(uniform() * patients[clinic]):06d}"
-            second = p.first_second + int(uniform() * SPAN_S)
+            patient_id = f"{patient_prefixes[clinic]}{int(uniform() * patients[clinic]):06d}"
+            second = first_second + int(uniform() * SPAN_S)
             collected = days[second // 86_400] + times[second % 86_400]
             yield (test_id, clinic_id, patient_id, test_type, status, collected + ".000000000Z", stamp, request_id,
                    f'{{"test_id": "{test_id}", "clinic_id": "{clinic_id}", "patient_id": "{patient_id}", {middle}, '

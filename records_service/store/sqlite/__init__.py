@@ -146,10 +146,11 @@ class SQLiteStore(EngineStore):
         # million records' 650 MB, then read them back to build the indexes: 27% more CPU).
         conn.execute(f"PRAGMA cache_size = -{LOAD_CACHE_KIB}")
         try:
-            with self._db.transaction(load=True) as conn:
-                if records.is_empty(conn):
-                    yield from records.load_into_empty(conn, rows, chunk_rows)
-                    return
+            if not self._db.read("SELECT 1 FROM records LIMIT 1"):
+                with self._db.transaction(load=True) as conn:
+                    if records.is_empty(conn):  # still, now that this transaction holds the writers' turn
+                        yield from records.load_into_empty(conn, rows, chunk_rows)
+                        return
             total = 0
             while chunk := list(islice(rows, chunk_rows)):
                 self._write(lambda conn: records.insert_rows(conn, chunk, None))

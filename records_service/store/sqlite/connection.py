@@ -359,8 +359,8 @@ def _leave_wal(conn: sqlite3.Connection, busy_timeout_ms: int) -> bool:
     conn.execute("PRAGMA busy_timeout = 0")
     try:
         return conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0].lower() == "delete"
-    except sqlite3.OperationalError:
-        return False
+    except sqlite3.Error:
+        return False  # busy: another connection has it open (anything else, BEGIN meets it next)
     finally:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
 
