@@ -1,12 +1,14 @@
 """How fast `seed` fills an empty SQLite database (issue 14, item 8: >= 100,000 records/s at 1,000,000).
 
-    .venv/bin/python bench/bench_seed.py --records 1000000 [--clinics 500] [--runs 3] [--tmpdir DIR]
+    .venv/bin/python bench/bench_seed.py --records 1000000 [--clinics 500] [--runs 3] [--baseline CHECKOUT]
 
 First --runs runs of the command itself, each into a new empty database in a temporary directory:
 `python -m records_service seed --records N --clinics C`, printing for each its records/s (as the
 command reports it: from the start of the load to the database closed), the wall time of the whole
 process and its CPU time, user + system, of the command and the process it starts to make rows
-(the machine is shared: CPU time is the figure other agents move least). Then the medians.
+(the machine is shared: CPU time is the figure other agents move least). Then the medians. With
+--baseline, the same command of another checkout (say /work/main, the code before this loader)
+runs after each of ours, with this venv's Python, so both meet the same load.
 
 Then one run in this process, through the same calls (`seed.rows_made_in_another_process`,
 `SQLiteStore.bulk_insert`, `close`), timed phase by phase, wall and this process's CPU:
@@ -43,9 +45,9 @@ def cpu_s(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def command_run(path: Path, records: int, clinics: int) -> tuple[float, float, float]:
-    """(records/s as the command reports it, wall s, CPU s) of one `seed` command."""
-    env = {**os.environ, "RECORDS_DB_PATH": str(path), "PYTHONPATH": str(ROOT)}
+def command_run(path: Path, records: int, clinics: int, repo: Path = ROOT) -> tuple[float, float, float]:
+    """(records/s as the command reports it, wall s, CPU s) of one `seed` command of the checkout `repo`."""
+    env = {**os.environ, "RECORDS_DB_PATH": str(path), "PYTHONPATH": str(repo)}
     cpu_before, started = cpu_s(resource.RUSAGE_CHILDREN), time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "records_service", "seed", "--records", str(records),
                            "--clinics", str(clinics)], cwd=path.parent, env=env, capture_output=True, text=True)
@@ -112,22 +114,27 @@ def main() -> int:
     p.add_argument("--records", type=int, default=1_000_000)
     p.add_argument("--clinics", type=int, default=500)
     p.add_argument("--runs", type=int, default=3, help="runs of the command (then one phased run)")
+    p.add_argument("--baseline", metavar="CHECKOUT", default=None,
+                   help="also run the seed command of another checkout (e.g. /work/main), alternating with ours")
     p.add_argument("--tmpdir", default=None)
     args = p.parse_args()
     log_command()
     log(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the start")
-    results = []
+    checkouts = {"ours": ROOT, **({"baseline": Path(args.baseline)} if args.baseline else {})}
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in checkouts}
     for n in range(args.runs):
-        with tempfile.TemporaryDirectory(prefix="records-seed-", dir=args.tmpdir) as tmp:
-            rate, wall, cpu = command_run(Path(tmp) / "records.db", args.records, args.clinics)
-        results.append((rate, wall, cpu))
-        log(f"run {n + 1}: {rate:,.0f} records/s, {wall:.1f} s wall, {cpu:.1f} s CPU (user + system)"
-            f" [load average {os.getloadavg()[0]:.1f}]")
-    if results:
-        rates, walls, cpus = zip(*results)
-        log(f"seed --records {args.records:,} --clinics {args.clinics}: median {statistics.median(rates):,.0f}"
-            f" records/s, {statistics.median(walls):.1f} s wall, {statistics.median(cpus):.1f} s CPU"
-            f" ({statistics.median(cpus) / args.records * 1e6:.1f} us CPU a record)")
+        for name, repo in checkouts.items():  # alternating, so both meet the same load
+            with tempfile.TemporaryDirectory(prefix="records-seed-", dir=args.tmpdir) as tmp:
+                rate, wall, cpu = command_run(Path(tmp) / "records.db", args.records, args.clinics, repo)
+            results[name].append((rate, wall, cpu))
+            log(f"run {n + 1}, {name}: {rate:,.0f} records/s, {wall:.1f} s wall, {cpu:.1f} s CPU (user + system)"
+                f" [load average {os.getloadavg()[0]:.1f}]")
+    for name, runs in results.items():
+        if runs:
+            rates, walls, cpus = zip(*runs)
+            log(f"{name} ({checkouts[name]}): seed --records {args.records:,} --clinics {args.clinics}: median"
+                f" {statistics.median(rates):,.0f} records/s, {statistics.median(walls):.1f} s wall,"
+                f" {statistics.median(cpus):.1f} s CPU ({statistics.median(cpus) / args.records * 1e6:.1f} us CPU a record)")
     log("phases, in this process:")
     with tempfile.TemporaryDirectory(prefix="records-seed-", dir=args.tmpdir) as tmp:
         phased_run(Path(tmp) / "records.db", args.records, args.clinics)
