@@ -143,7 +143,7 @@ class SQLiteStore(EngineStore):
         conn = self._db.connection()
         # For the load only: a cache that holds every page it writes, up to LOAD_CACHE_KIB (the
         # default 2 MiB re-reads the pages being extended for every row; 256 MiB spilled a
-        # million records' 650 MB, then read them back to build the indexes: 27% more CPU).
+        # million records' 650 MB, then read them back to build the indexes: 36% more CPU).
         conn.execute(f"PRAGMA cache_size = -{LOAD_CACHE_KIB}")
         try:
             if not self._db.read("SELECT 1 FROM records LIMIT 1"):
