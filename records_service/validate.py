@@ -25,6 +25,13 @@ _RFC3339_RE = re.compile(
     r"(?:\.([0-9]{1,9}))?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))",
     re.ASCII,
 )
+# The forms nearly every client sends (`T` and `Z` in upper case, an offset that exists), which
+# `datetime.fromisoformat` reads in one C call; anything else goes through _RFC3339_RE.
+_CANONICAL_INSTANT_RE = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?"
+    r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])",
+    re.ASCII,
+)
 
 CLIENT_STATUSES = ("preliminary", "final", "corrected", "cancelled")
 VOIDED_STATUS = "entered-in-error"  # set by the service when a record is voided; no client may send it
@@ -167,10 +174,31 @@ def parse_batch(body: bytes, ndjson: bool, max_records: int) -> Iterator[Any]:
 def _lines(body: bytes, starts: list[int]) -> Iterator[Any]:
     for start in starts:
         end = body.find(b"\n", start)
-        try:
-            yield parse_json(body[start:end if end >= 0 else len(body)], "the line")
-        except MalformedJSON as exc:
-            yield exc
+        yield _parse_line(body[start:end if end >= 0 else len(body)])
+
+
+_scan_value = _decoder.scan_once
+
+
+def _parse_line(line: bytes) -> Any:
+    """An NDJSON line's item, or its MalformedJSON: what `parse_json` makes of it.
+
+    The usual line, one JSON value from its first byte to its last, is decoded by one call of
+    the C scanner (the same decoder, so the same item); any other line is left to `parse_json`,
+    which says what is wrong with it.
+    """
+    try:
+        text = line.decode("utf-8")
+        item, end = _scan_value(text, 0)
+    except (StopIteration, ValueError, RecursionError):  # not valid here (or leading space): parse_json judges
+        pass
+    else:
+        if end == len(text):
+            return item
+    try:
+        return parse_json(line, "the line")
+    except MalformedJSON as exc:
+        return exc
 
 
 # Only finds where the items of an array end: C-speed plain dicts, nothing kept.
@@ -291,6 +319,9 @@ def _parse_instant(value: Any) -> tuple[datetime | None, str | None, str | None]
     """
     if not isinstance(value, str):
         return None, None, "must be a string"
+    canonical = _parse_canonical_instant(value)
+    if canonical is not None:
+        return canonical[0], canonical[1], None
     match = _RFC3339_RE.fullmatch(value)
     if not match:
         return None, None, ("must be an RFC 3339 date-time with an offset, e.g. 2024-05-01T10:00:00Z"
@@ -312,6 +343,29 @@ def _parse_instant(value: Any) -> tuple[datetime | None, str | None, str | None]
     return utc, normalised, None
 
 
+def _parse_canonical_instant(value: str) -> tuple[datetime, str] | None:
+    """(UTC datetime, normalised UTC string) of a timestamp in a canonical form, or None when
+    the general parser must decide (another form, or not a real date and time).
+
+    What it accepts, the general parser accepts with the same result: the regex admits only
+    offsets that exist (fromisoformat would read +05:60 as +06:00) and never `24:00` or second
+    60 reach a result (fromisoformat refuses them, as `datetime()` does).
+    """
+    if not _CANONICAL_INSTANT_RE.fullmatch(value):
+        return None
+    zulu = value[-1] == "Z"
+    try:
+        if zulu:
+            utc = datetime.fromisoformat(value[:19]).replace(tzinfo=timezone.utc)
+        else:
+            utc = datetime.fromisoformat(value[:19] + value[-6:]).astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        return None
+    if zulu:
+        return utc, value  # already normalised: upper case, fraction as sent
+    return utc, utc.isoformat()[:19] + value[19:-6] + "Z"
+
+
 def utc_millis(moment: datetime) -> str:
     """An aware UTC datetime as the service writes its own times: RFC 3339, milliseconds, `Z`."""
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
@@ -319,6 +373,8 @@ def utc_millis(moment: datetime) -> str:
 
 def timestamp_sort_key(normalised: str) -> str:
     """A fixed-width form of a normalised UTC timestamp, so text order is time order."""
+    if len(normalised) == 20:  # whole seconds, the usual case: YYYY-MM-DDTHH:MM:SSZ
+        return normalised[:19] + ".000000000Z"
     base, _, rest = normalised.rstrip("Z").partition(".")
     return f"{base}.{rest.ljust(9, '0')}Z"
 
@@ -361,6 +417,78 @@ def validate_record(doc: Any, now: datetime) -> tuple[dict | None, list[FieldErr
     Returns (record, []) with every client field present and normalised, or (None, errors)
     with one error per failing field, all of them at once.
     """
+    record = _plainly_valid(doc, now)
+    if record is not None:
+        return record, []
+    return _judged_field_by_field(doc, now)
+
+
+_REQUIRED_FIELD_SET = frozenset(REQUIRED_FIELDS)
+
+
+def _plainly_valid(doc: Any, now: datetime) -> dict | None:
+    """The clean record of a document that passes every rule in the usual way (known fields,
+    text within its limits, a canonical timestamp), or None: then `_judged_field_by_field` decides and
+    names what fails. One pass, no error bookkeeping: most records of a batch are valid.
+
+    Whatever it accepts, the full judgement accepts with the same record (tests/test_validate.py
+    compares the two over generated documents); it may pass a valid record on to be judged.
+    """
+    if type(doc) is not JSONObject and type(doc) is not dict:
+        return None
+    if getattr(doc, "duplicate_keys", ()) or not _REQUIRED_FIELD_SET <= doc.keys() <= _CLIENT_FIELD_SET:
+        return None
+    test_id, clinic_id, patient_id = doc["test_id"], doc["clinic_id"], doc["patient_id"]
+    if not (type(test_id) is str and type(clinic_id) is str and type(patient_id) is str
+            and len(test_id) <= MAX_ID_CHARS and len(clinic_id) <= MAX_ID_CHARS and len(patient_id) <= MAX_ID_CHARS
+            and _ID_RE.fullmatch(test_id) and _ID_RE.fullmatch(clinic_id) and _ID_RE.fullmatch(patient_id)):
+        return None
+    test_type = doc["test_type"]
+    if type(test_type) is not str:
+        return None
+    test_type = test_type.strip()
+    if not (0 < len(test_type) <= MAX_TEST_TYPE_CHARS and _clean_text(test_type, _CONTROL_RE)):
+        return None
+    result = doc["result"]
+    kind = type(result)
+    if kind is float:
+        if not math.isfinite(result):
+            return None
+    elif kind is str:
+        if not (0 < len(result) <= MAX_RESULT_CHARS and _clean_text(result, _CONTROL_EXCEPT_TAB_NL_RE)):
+            return None
+    elif kind is not int:  # bool, NonFinite, Unrepresentable, anything else: judged in full
+        return None
+    unit = doc.get("unit")
+    if unit is not None and not (type(unit) is str and len(unit) <= MAX_UNIT_CHARS and _clean_text(unit, _CONTROL_RE)):
+        return None
+    status = doc.get("status", "final")
+    if status not in CLIENT_STATUSES:
+        return None
+    notes = doc.get("notes")
+    if notes is not None and not (type(notes) is str and len(notes) <= MAX_NOTES_CHARS
+                                  and (notes.isascii() or not _SURROGATE_RE.search(notes))):
+        return None
+    collected_at = doc["collected_at"]
+    if type(collected_at) is not str:
+        return None
+    instant = _parse_canonical_instant(collected_at)
+    if instant is None or not EARLIEST_COLLECTED <= instant[0] <= now + MAX_FUTURE:
+        return None
+    return {"test_id": test_id, "clinic_id": clinic_id, "patient_id": patient_id, "test_type": test_type,
+            "result": result, "unit": unit, "status": status, "collected_at": instant[1], "notes": notes}
+
+
+def _clean_text(value: str, control: re.Pattern) -> bool:
+    """Whether a string has none of the characters _check_string refuses (lone surrogates and
+    `control`), found without a regex for printable ASCII, the usual text."""
+    if value.isascii():
+        return value.isprintable() or not control.search(value)
+    return not _SURROGATE_RE.search(value) and not control.search(value)
+
+
+def _judged_field_by_field(doc: Any, now: datetime) -> tuple[dict | None, list[FieldError]]:
+    """validate_record's full judgement: every rule, every failing field named."""
     if not isinstance(doc, dict):
         return None, [_error(None, "the record must be a JSON object")]
 

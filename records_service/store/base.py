@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import time
+from functools import lru_cache
 from typing import Callable, Iterable, Iterator, NamedTuple, Protocol, TypeVar
 
 from .errors import AlreadyVoided, StoreBusy, VersionMismatch
@@ -53,11 +54,28 @@ class NewRow(NamedTuple):
     doc: str             # the record's JSON at version 1
 
 
+_encode = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(..., ensure_ascii=False) builds one per call
+_SERVICE_FIELDS = frozenset({"created_at", "updated_at", "version", "request_id"})
+
+
 def stored_doc(record: dict, *, created_at: str, updated_at: str, version: int, request_id: str) -> str:
-    """A version's response JSON: the client fields, then what the service adds."""
-    stored = {**record, "created_at": created_at, "updated_at": updated_at, "version": version,
-              "request_id": request_id}
-    return json.dumps(stored, ensure_ascii=False)
+    """A version's response JSON: the client fields, then what the service adds.
+
+    The text is `json.dumps({**record, <service fields>}, ensure_ascii=False)`, made as the
+    record's JSON with the service fields' JSON after it, which is the same for every record
+    one request writes (so encoded once for a batch).
+    """
+    if not record or not _SERVICE_FIELDS.isdisjoint(record):  # (a service field would keep its place)
+        return _encode({**record, "created_at": created_at, "updated_at": updated_at, "version": version,
+                        "request_id": request_id})
+    return _encode(record)[:-1] + _service_fields_json(created_at, updated_at, version, request_id)
+
+
+@lru_cache(maxsize=64)
+def _service_fields_json(created_at: str, updated_at: str, version: int, request_id: str) -> str:
+    """`, "created_at": ..., "request_id": ...}`: the end of a stored document's JSON."""
+    return ", " + _encode({"created_at": created_at, "updated_at": updated_at, "version": version,
+                           "request_id": request_id})[1:]
 
 
 def next_version(current: dict, expected: frozenset[int], change: Callable[[dict], dict], *, request_id: str,
