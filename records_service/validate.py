@@ -322,6 +322,11 @@ def _parse_instant(value: Any) -> tuple[datetime | None, str | None, str | None]
     canonical = _parse_canonical_instant(value)
     if canonical is not None:
         return canonical[0], canonical[1], None
+    return _parse_rfc3339(value)
+
+
+def _parse_rfc3339(value: str) -> tuple[datetime | None, str | None, str | None]:
+    """_parse_instant for every form RFC 3339 allows, and the problem with any other string."""
     match = _RFC3339_RE.fullmatch(value)
     if not match:
         return None, None, ("must be an RFC 3339 date-time with an offset, e.g. 2024-05-01T10:00:00Z"
