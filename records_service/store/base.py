@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from functools import lru_cache
+from json.encoder import c_make_encoder, encode_basestring
 from typing import Callable, Iterable, Iterator, NamedTuple, Protocol, TypeVar
 
 from .errors import AlreadyVoided, StoreBusy, VersionMismatch
@@ -54,7 +55,18 @@ class NewRow(NamedTuple):
     doc: str             # the record's JSON at version 1
 
 
-_encode = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(..., ensure_ascii=False) builds one per call
+def _encoder() -> Callable[[object], str]:
+    """`json.dumps(value, ensure_ascii=False)`, for the flat documents a record is: the C encoder
+    built once (json.dumps builds an encoder per call, then one more in C), without the circular
+    reference check that a flat dict of scalars does not need."""
+    default = json.JSONEncoder().default  # (what json.dumps raises for a value it cannot encode)
+    if c_make_encoder is None:
+        return json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
+    encode = c_make_encoder(None, default, encode_basestring, None, ": ", ", ", False, False, True)
+    return lambda value: "".join(encode(value, 0))
+
+
+_encode = _encoder()
 _SERVICE_FIELDS = frozenset({"created_at", "updated_at", "version", "request_id"})
 
 
