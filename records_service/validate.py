@@ -12,6 +12,7 @@ import math
 import re
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
+from itertools import islice
 from typing import Any, Iterator
 
 ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:-]*$"
@@ -163,11 +164,9 @@ def parse_batch(body: bytes, ndjson: bool, max_records: int) -> Iterator[Any]:
             if count > max_records:
                 raise TooManyRecords(max_records)
         return _array_items(text, _decoder)
-    starts = []
-    for line in _RECORD_LINE_RE.finditer(body):
-        if len(starts) == max_records:
-            raise TooManyRecords(max_records)
-        starts.append(line.start())
+    starts = [line.start() for line in islice(_RECORD_LINE_RE.finditer(body), max_records + 1)]
+    if len(starts) > max_records:
+        raise TooManyRecords(max_records)
     return _lines(body, starts)
 
 
@@ -444,8 +443,8 @@ def _plainly_valid(doc: Any, now: datetime) -> dict | None:
     text within its limits, a canonical timestamp), or None: then `_judged_field_by_field` decides and
     names what fails. One pass, no error bookkeeping: most records of a batch are valid.
 
-    Whatever it accepts, the full judgement accepts with the same record (tests/test_validate.py
-    compares the two over generated documents); it may pass a valid record on to be judged.
+    Whatever it accepts, the full judgement accepts with the same record
+    (tests/test_validate_fast_paths.py compares the two over generated documents); it may pass a valid record on to be judged.
     """
     if type(doc) is not JSONObject and type(doc) is not dict:
         return None
