@@ -11,9 +11,10 @@ other in this process, and prints the CPU time per request of each and the diffe
 part of a request that is ours, with the gunicorn and kernel part (the same for both apps)
 left out. BATCH is `POST /tests/_batch` with NDJSON bodies of `--batch-records` new records for
 one clinic each (as bench_scale.py's batch scenario sends), `--batches` of them, against
-bench/bare_scale_app.py; its figures are also given per record. `--cprofile` / `--py-spy` then profile our app over the same requests and print the
-top functions (py-spy: sampled, low overhead, sqlite3's C calls charged to the calling line;
-cProfile: exact call counts, inflates many small Python calls).
+bench/bare_scale_app.py; its figures are also given per record. `--cprofile` / `--py-spy` then
+profile our app over the same requests and print the top functions (py-spy: sampled, low
+overhead, sqlite3's C calls charged to the calling line; cProfile: exact call counts, inflates
+many small Python calls).
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def make_requests(scenario: str, n: int, clinics: int, batch_records: int = 1000
         requests = []
         for b in range(n):
             clinic = records_gen.clinic_id(rng.randint(1, clinics))
-            lines = (json.dumps(records_gen.make_record(records_gen.bench_test_id(nonce, b % 100, b * batch_records + i),
-                                                        clinic, rng)) for i in range(batch_records))
+            ids = (records_gen.bench_test_id(nonce, b % 100, b * batch_records + i) for i in range(batch_records))
+            lines = (json.dumps(records_gen.make_record(test_id, clinic, rng)) for test_id in ids)
             requests.append(("POST", "/tests/_batch", "", ("\n".join(lines) + "\n").encode()))
         return requests
     if scenario == "GET":

@@ -439,11 +439,13 @@ _EARLIEST_COLLECTED_TEXT = EARLIEST_COLLECTED.isoformat()[:19]
 
 def _plainly_valid(doc: Any, now: datetime) -> dict | None:
     """The clean record of a document that passes every rule in the usual way (known fields,
-    text within its limits, a canonical timestamp), or None: then `_judged_field_by_field` decides and
-    names what fails. One pass, no error bookkeeping: most records of a batch are valid.
+    text within its limits, a canonical timestamp), or None: then `_judged_field_by_field`
+    decides and names what fails. One pass, no error bookkeeping: most records of a batch are
+    valid.
 
-    Whatever it accepts, the full judgement accepts with the same record
-    (tests/test_validate_fast_paths.py compares the two over generated documents); it may pass a valid record on to be judged.
+    Whatever it accepts, the full judgement accepts with the same record (tests/
+    test_validate_fast_paths.py compares the two over generated documents); a valid record it
+    does not recognise is only slower, never refused.
     """
     if type(doc) is not JSONObject and type(doc) is not dict:
         return None
