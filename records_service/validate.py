@@ -181,9 +181,9 @@ _scan_value = _decoder.scan_once
 def _parse_line(line: bytes) -> Any:
     """An NDJSON line's item, or its MalformedJSON: what `parse_json` makes of it.
 
-    The usual line, one JSON value from its first byte to its last, is decoded by one call of
-    the C scanner (the same decoder, so the same item); any other line is left to `parse_json`,
-    which says what is wrong with it.
+    The usual line, one JSON value from its first byte (then at most JSON whitespace, as a CRLF
+    line ends), is decoded by one call of the C scanner (the same decoder, so the same item);
+    any other line is left to `parse_json`, which says what is wrong with it.
     """
     try:
         text = line.decode("utf-8")
@@ -191,7 +191,7 @@ def _parse_line(line: bytes) -> Any:
     except (StopIteration, ValueError, RecursionError):  # not valid here (or leading space): parse_json judges
         pass
     else:
-        if end == len(text):
+        if end == len(text) or not text[end:].strip(" \t\n\r"):
             return item
     try:
         return parse_json(line, "the line")

@@ -158,7 +158,8 @@ def test_the_usual_valid_records_take_the_fast_path(doc):
 @pytest.mark.parametrize("line", [
     b'{"a": 1}', b'{"a": 1} ', b'{"a": 1}\r', b' {"a": 1}', b'\t[1, 2]', b'"x"', b"12", b"1e-400", b"NaN",
     b'{"a": 1, "a": 2}', b'{"a": 1} x', b'{"a": 1}{}', b'{"a": ', b"\xff{}", b'{"a": "\xc3\xa9"}', b"\f{}",
-    b"[" * 100_000, b"1" * 5000, b'{"a": -Infinity}', b"nul",
+    b"[" * 100_000, b"1" * 5000, b'{"a": -Infinity}', b"nul", b'{"a": 1}\t \r', b'{"a": 1}\f', b'{"a": 1}\v',
+    b'{"a": 1}\x85', b'{"a": 1}\xc2\xa0', b'"\xe2\x80\xa8"',
 ])
 def test_an_ndjson_line_parses_as_parse_json_parses_it(line):
     fast = _parse_line(line)
