@@ -78,6 +78,8 @@ def _triage(items: Iterable, now: datetime, principal: Principal) -> tuple[list[
 
 
 def _stored_duplicates(accepted: list[tuple[int, dict]], existing: dict[str, dict], failed: dict[int, dict]) -> None:
+    if not existing:
+        return
     for index, record in accepted:
         stored = existing.get(record["test_id"])
         if stored is not None:

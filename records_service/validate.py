@@ -12,6 +12,7 @@ import math
 import re
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
+from itertools import islice
 from typing import Any, Iterator
 
 ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:-]*$"
@@ -23,6 +24,13 @@ _SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
 _RFC3339_RE = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})"
     r"(?:\.([0-9]{1,9}))?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))",
+    re.ASCII,
+)
+# The forms nearly every client sends (`T` and `Z` in upper case, an offset that exists), which
+# `datetime.fromisoformat` reads in one C call; anything else goes through _RFC3339_RE.
+_CANONICAL_INSTANT_RE = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?"
+    r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])",
     re.ASCII,
 )
 
@@ -134,9 +142,9 @@ class TooManyRecords(ValueError):
         super().__init__(f"the batch has more than {limit} records, the limit; nothing was stored")
 
 
-# The start of a line that is not blank (bytes.strip()'s whitespace), found without splitting
-# the body: a 16 MiB body of short lines split at once is millions of objects.
-_RECORD_LINE_RE = re.compile(rb"^[ \t\r\f\v]*[^ \t\r\f\v\n]", re.MULTILINE)
+# A line that is not blank (bytes.strip()'s whitespace), up to its newline, found without
+# splitting the body: a 16 MiB body of short lines split at once is millions of objects.
+_RECORD_LINE_RE = re.compile(rb"^[ \t\r\f\v]*[^ \t\r\f\v\n][^\n]*", re.MULTILINE)
 _JSON_SPACE_RE = re.compile(r"[ \t\n\r]*")
 
 
@@ -156,21 +164,39 @@ def parse_batch(body: bytes, ndjson: bool, max_records: int) -> Iterator[Any]:
             if count > max_records:
                 raise TooManyRecords(max_records)
         return _array_items(text, _decoder)
-    starts = []
-    for line in _RECORD_LINE_RE.finditer(body):
-        if len(starts) == max_records:
-            raise TooManyRecords(max_records)
-        starts.append(line.start())
-    return _lines(body, starts)
+    spans = [line.span() for line in islice(_RECORD_LINE_RE.finditer(body), max_records + 1)]
+    if len(spans) > max_records:
+        raise TooManyRecords(max_records)
+    return _lines(body, spans)
 
 
-def _lines(body: bytes, starts: list[int]) -> Iterator[Any]:
-    for start in starts:
-        end = body.find(b"\n", start)
-        try:
-            yield parse_json(body[start:end if end >= 0 else len(body)], "the line")
-        except MalformedJSON as exc:
-            yield exc
+def _lines(body: bytes, spans: list[tuple[int, int]]) -> Iterator[Any]:
+    for start, end in spans:
+        yield _parse_line(body[start:end])
+
+
+_scan_value = _decoder.scan_once
+
+
+def _parse_line(line: bytes) -> Any:
+    """An NDJSON line's item, or its MalformedJSON: what `parse_json` makes of it.
+
+    The usual line, one JSON value from its first byte (then at most JSON whitespace, as a CRLF
+    line ends), is decoded by one call of the C scanner (the same decoder, so the same item);
+    any other line is left to `parse_json`, which says what is wrong with it.
+    """
+    try:
+        text = line.decode("utf-8")
+        item, end = _scan_value(text, 0)
+    except (StopIteration, ValueError, RecursionError):  # not valid here (or leading space): parse_json judges
+        pass
+    else:
+        if end == len(text) or not text[end:].strip(" \t\n\r"):
+            return item
+    try:
+        return parse_json(line, "the line")
+    except MalformedJSON as exc:
+        return exc
 
 
 # Only finds where the items of an array end: C-speed plain dicts, nothing kept.
@@ -312,6 +338,40 @@ def _parse_instant(value: Any) -> tuple[datetime | None, str | None, str | None]
     return utc, normalised, None
 
 
+def _canonical_utc(value: str) -> str | None:
+    """The normalised UTC form of a timestamp written in a canonical form, or None when
+    `_parse_instant` must decide (another form, or not a real date and time).
+
+    What it reads, `_parse_instant` reads the same: the regex admits only offsets that exist
+    (fromisoformat would take +05:60 for +06:00), and fromisoformat refuses `24:00` and second
+    60 as `datetime()` does.
+    """
+    if not _CANONICAL_INSTANT_RE.fullmatch(value):
+        return None
+    try:
+        local = datetime.fromisoformat(value[:19])
+        if value[-1] == "Z":
+            return value  # upper case, fraction as sent: already normalised
+        utc = local - _utc_offset(value[-6:])
+    except (ValueError, OverflowError):
+        return None
+    return utc.isoformat() + value[19:-6] + "Z"
+
+
+@lru_cache(maxsize=None)  # at most 2 * 24 * 60 offsets exist
+def _utc_offset(offset: str) -> timedelta:
+    """How far ahead of UTC a valid `+HH:MM` / `-HH:MM` is."""
+    return timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6])) * (1 if offset[0] == "+" else -1)
+
+
+@lru_cache(maxsize=8)  # one clock reading per request
+def _latest_collected(now: datetime) -> str:
+    """The latest collected_at allowed at `now`, as the first 19 characters of a normalised
+    timestamp; a whole-second time is at most `now + MAX_FUTURE` exactly when its text is at
+    most this (seconds' fractions do not count in the rule)."""
+    return (now + MAX_FUTURE).astimezone(timezone.utc).isoformat()[:19]
+
+
 def utc_millis(moment: datetime) -> str:
     """An aware UTC datetime as the service writes its own times: RFC 3339, milliseconds, `Z`."""
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
@@ -319,6 +379,8 @@ def utc_millis(moment: datetime) -> str:
 
 def timestamp_sort_key(normalised: str) -> str:
     """A fixed-width form of a normalised UTC timestamp, so text order is time order."""
+    if len(normalised) == 20:  # whole seconds, the usual case: YYYY-MM-DDTHH:MM:SSZ
+        return normalised[:19] + ".000000000Z"
     base, _, rest = normalised.rstrip("Z").partition(".")
     return f"{base}.{rest.ljust(9, '0')}Z"
 
@@ -361,6 +423,82 @@ def validate_record(doc: Any, now: datetime) -> tuple[dict | None, list[FieldErr
     Returns (record, []) with every client field present and normalised, or (None, errors)
     with one error per failing field, all of them at once.
     """
+    record = _plainly_valid(doc, now)
+    if record is not None:
+        return record, []
+    return _judged_field_by_field(doc, now)
+
+
+_REQUIRED_FIELD_SET = frozenset(REQUIRED_FIELDS)
+# test_id, clinic_id and patient_id on three lines (no id holds a newline), each matching
+# ID_PATTERN within MAX_ID_CHARS: one regex call instead of three.
+_ONE_ID = rf"[A-Za-z0-9][A-Za-z0-9._:-]{{0,{MAX_ID_CHARS - 1}}}"
+_THREE_IDS_RE = re.compile(rf"{_ONE_ID}\n{_ONE_ID}\n{_ONE_ID}", re.ASCII)
+_EARLIEST_COLLECTED_TEXT = EARLIEST_COLLECTED.isoformat()[:19]
+
+
+def _plainly_valid(doc: Any, now: datetime) -> dict | None:
+    """The clean record of a document that passes every rule in the usual way (known fields,
+    text within its limits, a canonical timestamp), or None: then `_judged_field_by_field`
+    decides and names what fails. One pass, no error bookkeeping: most records of a batch are
+    valid.
+
+    Whatever it accepts, the full judgement accepts with the same record (tests/
+    test_validate_fast_paths.py compares the two over generated documents); a valid record it
+    does not recognise is only slower, never refused.
+    """
+    if type(doc) is not JSONObject and type(doc) is not dict:
+        return None
+    if getattr(doc, "duplicate_keys", ()) or not _REQUIRED_FIELD_SET <= doc.keys() <= _CLIENT_FIELD_SET:
+        return None
+    test_id, clinic_id, patient_id = doc["test_id"], doc["clinic_id"], doc["patient_id"]
+    if not (type(test_id) is str and type(clinic_id) is str and type(patient_id) is str
+            and _THREE_IDS_RE.fullmatch(f"{test_id}\n{clinic_id}\n{patient_id}")):
+        return None
+    test_type = doc["test_type"]
+    if type(test_type) is not str:
+        return None
+    test_type = test_type.strip()
+    if not (0 < len(test_type) <= MAX_TEST_TYPE_CHARS and _clean_text(test_type, _CONTROL_RE)):
+        return None
+    result = doc["result"]
+    kind = type(result)
+    if kind is float:
+        if not math.isfinite(result):
+            return None
+    elif kind is str:
+        if not (0 < len(result) <= MAX_RESULT_CHARS and _clean_text(result, _CONTROL_EXCEPT_TAB_NL_RE)):
+            return None
+    elif kind is not int:  # bool, NonFinite, Unrepresentable, anything else: judged in full
+        return None
+    unit = doc.get("unit")
+    if unit is not None and not (type(unit) is str and len(unit) <= MAX_UNIT_CHARS and _clean_text(unit, _CONTROL_RE)):
+        return None
+    status = doc.get("status", "final")
+    if status not in CLIENT_STATUSES:
+        return None
+    notes = doc.get("notes")
+    if notes is not None and not (type(notes) is str and len(notes) <= MAX_NOTES_CHARS
+                                  and (notes.isascii() or not _SURROGATE_RE.search(notes))):
+        return None
+    collected_at = doc["collected_at"]
+    collected_at = _canonical_utc(collected_at) if type(collected_at) is str else None
+    if collected_at is None or not _EARLIEST_COLLECTED_TEXT <= collected_at[:19] <= _latest_collected(now):
+        return None
+    return {"test_id": test_id, "clinic_id": clinic_id, "patient_id": patient_id, "test_type": test_type,
+            "result": result, "unit": unit, "status": status, "collected_at": collected_at, "notes": notes}
+
+
+def _clean_text(value: str, control: re.Pattern) -> bool:
+    """Whether a string has none of the characters _check_string refuses (lone surrogates and
+    `control`), found without a regex for printable ASCII, the usual text."""
+    if value.isascii():
+        return value.isprintable() or not control.search(value)
+    return not _SURROGATE_RE.search(value) and not control.search(value)
+
+
+def _judged_field_by_field(doc: Any, now: datetime) -> tuple[dict | None, list[FieldError]]:
+    """validate_record's full judgement: every rule, every failing field named."""
     if not isinstance(doc, dict):
         return None, [_error(None, "the record must be a JSON object")]
 

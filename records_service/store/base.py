@@ -11,6 +11,8 @@ import json
 import logging
 import threading
 import time
+from functools import lru_cache
+from json.encoder import c_make_encoder, encode_basestring
 from typing import Callable, Iterable, Iterator, NamedTuple, Protocol, TypeVar
 
 from .errors import AlreadyVoided, StoreBusy, VersionMismatch
@@ -53,11 +55,39 @@ class NewRow(NamedTuple):
     doc: str             # the record's JSON at version 1
 
 
+def _encoder() -> Callable[[object], str]:
+    """`json.dumps(value, ensure_ascii=False)`, for the flat documents a record is: the C encoder
+    built once (json.dumps builds an encoder per call, then one more in C), without the circular
+    reference check that a flat dict of scalars does not need."""
+    default = json.JSONEncoder().default  # (what json.dumps raises for a value it cannot encode)
+    if c_make_encoder is None:
+        return json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
+    encode = c_make_encoder(None, default, encode_basestring, None, ": ", ", ", False, False, True)
+    return lambda value: "".join(encode(value, 0))
+
+
+_encode = _encoder()
+_SERVICE_FIELDS = frozenset({"created_at", "updated_at", "version", "request_id"})
+
+
 def stored_doc(record: dict, *, created_at: str, updated_at: str, version: int, request_id: str) -> str:
-    """A version's response JSON: the client fields, then what the service adds."""
-    stored = {**record, "created_at": created_at, "updated_at": updated_at, "version": version,
-              "request_id": request_id}
-    return json.dumps(stored, ensure_ascii=False)
+    """A version's response JSON: the client fields, then what the service adds.
+
+    The text is `json.dumps({**record, <service fields>}, ensure_ascii=False)`, made as the
+    record's JSON with the service fields' JSON after it, which is the same for every record
+    one request writes (so encoded once for a batch).
+    """
+    if not record or not _SERVICE_FIELDS.isdisjoint(record):  # (a service field would keep its place)
+        return _encode({**record, "created_at": created_at, "updated_at": updated_at, "version": version,
+                        "request_id": request_id})
+    return _encode(record)[:-1] + _service_fields_json(created_at, updated_at, version, request_id)
+
+
+@lru_cache(maxsize=64)
+def _service_fields_json(created_at: str, updated_at: str, version: int, request_id: str) -> str:
+    """`, "created_at": ..., "request_id": ...}`: the end of a stored document's JSON."""
+    return ", " + _encode({"created_at": created_at, "updated_at": updated_at, "version": version,
+                           "request_id": request_id})[1:]
 
 
 def next_version(current: dict, expected: frozenset[int], change: Callable[[dict], dict], *, request_id: str,
