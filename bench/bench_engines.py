@@ -41,7 +41,7 @@ from pathlib import Path
 import records_gen
 from bench_scale import BARE_APP, add_database_arguments, alternate, db_count, ensure_database, stream
 from common import (ROOT, BenchError, Server, clean_env, finish, free_port, gunicorn_argv, load_arguments, log,
-                    pair_ratios, parse_load_arguments, run_benchmark, server_settings)
+                    pair_ratios, parse_load_arguments, process_stats, run_benchmark, server_settings)
 
 # shared_buffers as a host of its own would set it (the tests' clusters keep 32MB).
 PG_CONF = "shared_buffers = 256MB\neffective_cache_size = 1GB\n"
@@ -73,17 +73,7 @@ def cluster_cpu_s(cluster) -> float:
     """CPU seconds used so far by the cluster's live processes (the postmaster and its children):
     PostgreSQL's own work, which the run lines count as "other"."""
     root = cluster.postmaster_pid()
-    ticks = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        rest = stat[stat.rfind(")") + 2:].split()
-        if int(entry) == root or int(rest[1]) == root:
-            ticks += int(rest[11]) + int(rest[12])
+    ticks = sum(int(rest[11]) + int(rest[12]) for pid, rest in process_stats() if root in (pid, int(rest[1])))
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -174,7 +164,8 @@ def report(results: dict, args) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = load_arguments(__doc__, "bare/sqlite/postgres")
     add_database_arguments(p)
-    p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help="comma-separated: which rows to run (e.g. batch alone)")
     args = parse_load_arguments(p, argv)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if set(args.scenarios) - set(SCENARIOS):
