@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from bench_indexes import in_order, remove_database
-from common import log, log_command  # common puts the repository on sys.path
+from common import log, log_command, wal_page_owners  # common puts the repository on sys.path
 from records_service import seed
 from records_service.store.sqlite import counters
 from records_service.store.sqlite.migrations import MIGRATIONS, migrate
@@ -74,8 +74,6 @@ from records_service.store.sqlite.records import insert_rows, select_records
 from records_service.validate import utc_millis
 from tests.old_schemas import COUNT_SQL, HOURLY_SQL, INSERT_SQL as INSERT_7, old_row
 
-WAL_HEADER = 32
-WAL_FRAME_HEADER = 24
 LOAD_CACHE_KIB = 262_144
 MMAP_BYTES = 1 << 30
 PAGE = 100
@@ -248,20 +246,15 @@ class Frames:
 def wal_frames(conn: sqlite3.Connection, path: Path, layout: Layout, rows: list[tuple], seqs: Iterator[int],
                counters: bool) -> Frames:
     """WAL frames written by each of `rows` inserted alone in its own transaction after a TRUNCATE checkpoint."""
-    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-    frame = page_size + WAL_FRAME_HEADER
     frames = Frames([], {})
     for row in rows:
         checkpoint(conn)
         conn.execute("BEGIN IMMEDIATE")
         insert(conn, layout, [row], seqs, counters)
         conn.execute("COMMIT")
-        wal = Path(f"{path}-wal").read_bytes()
-        frames.counts.append((len(wal) - WAL_HEADER) / frame)
-        pages = [int.from_bytes(wal[at:at + 4], "big") for at in range(WAL_HEADER, len(wal), frame)]
-        owners = dict(conn.execute("SELECT pageno, name FROM dbstat"))
-        for page in pages:
-            owner = "page 1" if page == 1 else owners.get(page, "free list")
+        owners = wal_page_owners(conn, path)
+        frames.counts.append(len(owners))
+        for owner in owners:
             frames.by_object[owner] = frames.by_object.get(owner, 0) + 1
     return frames
 

@@ -2,16 +2,18 @@
 
     .venv/bin/python bench/bench_write_cost.py [--records 1000000] [--clinics 500] [--tmpdir DIR]
 
-Seeds --records records over --clinics clinics through `SQLiteStore.bulk_insert` (what `seed`
-runs), then prints:
+Seeds --records records over --clinics clinics through `SQLiteStore.bulk_insert` in key order (what
+`seed` runs), then prints:
 - bytes on disk per record (the database file after a full checkpoint, and the WAL);
-- WAL frames per insert amortised over 1,000 single-record inserts (`SQLiteStore.insert`, what
+- WAL frames per insert amortised over --warm (1,000) single-record inserts (`SQLiteStore.insert`, what
   POST /tests calls) into random clinics, with the counters' folds they cause (every second).
   A clinic's newest records land inside the clustered table, 500 places at once, and SQLite's
   rebalancing leaves that leaf nearly full again, so about one insert in three splits it (3
   more frames; bench_layouts.py --frames-clinic sees the same in steady ingest);
 - then WAL frames of single-record inserts, each measured alone after a TRUNCATE checkpoint
-  (folds off): median, mean and max of 200 into random clinics;
+  (folds off): median, mean and max of 200 into random clinics, and the frames by B-tree.
+  Request IDs are random UUIDs, as the service makes them; test_ids random UUIDs, or with
+  `--test-ids per-clinic` each clinic's own numbering in order (a lab's LIMS);
 - the in-process time of correcting the record holding the largest clinic's earliest
   collected_at (median of 20), and its SQLite VM steps.
 """
@@ -24,22 +26,20 @@ import random
 import sqlite3
 import statistics
 import tempfile
+from collections import Counter
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import log, log_command  # common puts the repository on sys.path
-from records_service.seed import clinic_ids, seed_rows
+from common import log, log_command, wal_page_owners  # common puts the repository on sys.path
+from records_service.seed import clinic_ids, seed_rows_in_key_order
 from records_service.store.sqlite import SQLiteStore
 import records_service.store.sqlite as sqlite_engine
 
 
-def wal_frames(path: Path, page_size: int) -> int:
-    return max(0, (os.path.getsize(f"{path}-wal") - 32) // (page_size + 24))
-
-
-def record(test_id: str, clinic_id: str, collected_at: str = "2025-05-01T10:00:00Z") -> dict:
-    return {"test_id": test_id, "clinic_id": clinic_id, "patient_id": "P-bench", "test_type": "HbA1c", "result": 5.4,
+def record(test_id: str, clinic_id: str, collected_at: str = "2025-05-01T10:00:00Z", patient: str = "P-bench") -> dict:
+    return {"test_id": test_id, "clinic_id": clinic_id, "patient_id": patient, "test_type": "HbA1c", "result": 5.4,
             "unit": "%", "status": "final", "collected_at": collected_at, "notes": None}
 
 
@@ -48,6 +48,11 @@ def main() -> int:
     p.add_argument("--records", type=int, default=1_000_000)
     p.add_argument("--clinics", type=int, default=500)
     p.add_argument("--tmpdir", default=None)
+    p.add_argument("--test-ids", choices=("random", "per-clinic"), default="random",
+                   help="the single inserts' test_ids: random UUIDs, or each clinic numbering its own in order")
+    p.add_argument("--warm", type=int, default=1000,
+                   help="single inserts (amortised figure) before the 200 measured alone: a seeded database's"
+                        " indexes are packed full, and each leaf splits the first time an insert reaches it")
     p.add_argument("--page-size", type=int, default=None, help="make the database with this page size first")
     args = p.parse_args()
     log_command()
@@ -60,7 +65,8 @@ def main() -> int:
             first.close()
         store = SQLiteStore(str(path))
         started = time.perf_counter()
-        for _ in store.bulk_insert(seed_rows(args.records, args.clinics, datetime.now(timezone.utc), rng_seed=1)):
+        for _ in store.bulk_insert(seed_rows_in_key_order(args.records, args.clinics, datetime.now(timezone.utc),
+                                                                 rng_seed=1)):
             pass
         log(f"seeded {args.records:,} records over {args.clinics} clinics in {time.perf_counter() - started:.1f} s")
         conn = store._db.connection()
@@ -71,28 +77,45 @@ def main() -> int:
 
         rng = random.Random(2)
         clinics = clinic_ids(args.clinics)
+        numbered = Counter()
+
+        def new_test_id(clinic: str) -> str:
+            if args.test_ids == "random":
+                return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+            numbered[clinic] += 1
+            return f"{clinic}-T{numbered[clinic]:08d}"
+
+        def insert_one(clinic: str) -> None:
+            """What one POST /tests stores: the service makes a random (UUID 4) request ID."""
+            store.insert(record(new_test_id(clinic), clinic, patient=f"P{rng.randrange(1, 100_000):06d}"),
+                         request_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                         now="2025-06-01T00:00:00.000Z")
+
         sqlite_engine.FOLD_EVERY_S = 1.0
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         total = 0
-        for n in range(1000):
+        for n in range(args.warm):
             before = os.path.getsize(f"{path}-wal")
-            store.insert(record(f"bench-many-{n}", rng.choice(clinics)), request_id=f"bench-m{n}",
-                         now="2025-06-01T00:00:00.000Z")
+            insert_one(rng.choice(clinics))
             total += (os.path.getsize(f"{path}-wal") - before) // (page_size + 24)
             if os.path.getsize(f"{path}-wal") > 64 << 20:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        log(f"WAL frames per insert, amortised with the counters' folds over 1,000 inserts: {total / 1000:.2f}"
+        log(f"WAL frames per insert, amortised with the counters' folds over {args.warm:,} inserts: {total / args.warm:.2f}"
             " (appended frames; a WAL restart after a checkpoint rewrites from the start and is not counted)")
 
         sqlite_engine.FOLD_EVERY_S = float("inf")  # each insert alone: folds are measured below
-        frames = []
+        frames, by_object = [], Counter()
         for n in range(200):
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            store.insert(record(f"bench-one-{n}", rng.choice(clinics)), request_id=f"bench-{n}",
-                         now="2025-06-01T00:00:00.000Z")
-            frames.append(wal_frames(path, page_size))
+            insert_one(rng.choice(clinics))
+            owners = wal_page_owners(conn, path)
+            frames.append(len(owners))
+            by_object.update(owners)
         log(f"WAL frames of one single-record insert: median {statistics.median(frames)}, "
-            f"mean {statistics.mean(frames):.2f}, max {max(frames)} (200 inserts)")
+            f"mean {statistics.mean(frames):.2f}, max {max(frames)} (200 inserts); "
+            f"{sum(1 for f in frames if f <= 4)} of them 4 or fewer")
+        log("  frames per insert by B-tree: " + ", ".join(
+            f"{name} {n / len(frames):.2f}" for name, n in by_object.most_common()))
 
         biggest = clinics[0]
         times, steps = [], []

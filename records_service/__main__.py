@@ -21,7 +21,7 @@ from .config import (ConfigError, Settings, load_dotenv_file, load_settings, par
 from .imports.run import run_import
 from .imports.source import SourceError, load_source
 from .logs import logging_config
-from .seed import ProgressBar, seed_rows
+from .seed import ProgressBar, rows_made_in_another_process, seed_rows_in_key_order
 from .store import Store, StoreBusy, StoreError, copy_to_postgresql, open_store
 from .trace import entries_of, timeline
 from .validate import check_id, utc_millis
@@ -266,13 +266,16 @@ def run_seed(args: argparse.Namespace, settings: Settings) -> int:
     store = _store(settings)
     bar = ProgressBar(args.records)
     started = time.perf_counter()
+    rows = rows_made_in_another_process(seed_rows_in_key_order, args.records, args.clinics, utc_now(),
+                                        rng_seed=args.random_seed)
     try:
-        for done in store.bulk_insert(seed_rows(args.records, args.clinics, utc_now(), rng_seed=args.random_seed)):
+        for done in store.bulk_insert(rows):
             bar.update(done)
     except StoreError as exc:
         print(f"records_service: seed failed: {exc}", file=sys.stderr)
         return 1
     finally:
+        rows.close()
         bar.close()
         store.close()
     elapsed = time.perf_counter() - started

@@ -101,6 +101,15 @@ class Response:
         return json.loads(self.body)
 
 
+class AnswerCutOff(http.client.IncompleteRead):
+    """An answer whose status line and headers came but whose body was cut off: the server (or
+    the host behind nginx) died between sending the one and the other."""
+
+    def __init__(self, status: int, cut: http.client.IncompleteRead) -> None:
+        super().__init__(cut.partial, cut.expected)
+        self.status = status
+
+
 def request(port: int, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 30) -> Response:
     headers = dict(headers or {})
     if body is not None and not isinstance(body, (bytes, str)):
@@ -110,7 +119,11 @@ def request(port: int, method: str, path: str, body=None, headers: dict | None =
     try:
         conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
-        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        try:
+            content = resp.read()
+        except http.client.IncompleteRead as cut:
+            raise AnswerCutOff(resp.status, cut) from cut
+        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, content)
     finally:
         conn.close()
 
@@ -348,13 +361,15 @@ class Writers(WriterThreads):
 @dataclass
 class Answer:
     """One answer to one POST: its status (None: the connection failed), Retry-After, whether a
-    409 said `identical: true`, and when (time.monotonic()) it was asked and answered."""
+    409 said `identical: true`, and when (time.monotonic()) it was asked and answered; for an
+    answer whose body was cut off (status None), the status its head had."""
 
     status: int | None
     retry_after: str | None
     identical: bool | None
     started: float
     ended: float
+    cut_off_status: int | None = None
 
 
 class RetryingWriters(WriterThreads):
@@ -378,6 +393,8 @@ class RetryingWriters(WriterThreads):
         started = time.monotonic()
         try:
             resp = request(self._port, "POST", "/tests", self._make_record(test_id), timeout=self._timeout_s)
+        except AnswerCutOff as cut:
+            return Answer(None, None, None, started, time.monotonic(), cut_off_status=cut.status)
         except (OSError, http.client.HTTPException):
             return Answer(None, None, None, started, time.monotonic())
         identical = resp.json().get("identical") if resp.status == 409 else None

@@ -32,13 +32,19 @@ def test_one_of_two_hosts_killed_under_32_writers_loses_no_acknowledged_record(s
         time.sleep(DURATION_S / 2)
     answers = writers.all_answers()
 
-    first_answers = [got[0].status for got in writers.answers.values()]
-    # None: the connection closed with no answer. Seen about once in five runs at the moment of the
-    # kill (nginx cut a client's exchange with the dying host short); a client retries it as it
-    # retries a 502, and what matters holds for it too (below). Counted, so a run says how often.
+    first_tries = [got[0] for got in writers.answers.values()]
+    first_answers = [answer.status for answer in first_tries]
     assert set(first_answers) <= {201, 502, 503, None}, sorted(set(first_answers), key=str)
-    no_answer = sum(1 for status in first_answers if status is None)
-    assert no_answer <= 3, f"{no_answer} requests got no answer at all"
+    # No answer at all: nginx answers 502 for a host that dies before its answer began. What a
+    # client can still see (about one run in five, at the kill) is an answer cut in two: gunicorn
+    # writes an answer's head and its body in two calls, the kill came between them, and nginx had
+    # passed the head on. The head was the service's own (201: the record was committed); the
+    # client cannot trust a half answer and retries it as it retries a 502 (below: its retry ends
+    # 201 or 409 identical).
+    silent = [answer for answer in first_tries if answer.status is None and answer.cut_off_status is None]
+    assert silent == [], f"{len(silent)} requests got no answer at all"
+    cut_off = sorted(answer.cut_off_status for answer in first_tries if answer.status is None)
+    assert set(cut_off) <= {201, 503}, f"answers cut off after their head: {cut_off}"
     assert set(first_answers) != {201}, f"the kill cut none of {len(first_answers)} requests short"
     unresolved = {test_id: [a.status for a in got] for test_id, got in writers.answers.items()
                   if not (got[-1].status == 201 or (got[-1].status == 409 and got[-1].identical))}
@@ -58,5 +64,5 @@ def test_one_of_two_hosts_killed_under_32_writers_loses_no_acknowledged_record(s
     assert lost == [], f"{len(lost)} acknowledged records are not in the database"
     assert stored <= set(writers.answers)
     print(f"\n{len(writers.answers)} records, {sum(1 for a in answers if a.status == 201)} answers 201, "
-          f"{sum(1 for s in first_answers if s != 201)} first answers 502/503 or none ({len(answers) - len(writers.answers)} "
-          "retries)")
+          f"{sum(1 for s in first_answers if s != 201)} first answers 502/503 or cut off ({len(cut_off)} cut off; "
+          f"{len(answers) - len(writers.answers)} retries)")

@@ -27,6 +27,7 @@ log = logging.getLogger("records_service.store")
 # since its last fold, or once it has written this many records: tails stay a few hundred rows.
 FOLD_EVERY_S = 1.0
 FOLD_EVERY_RECORDS = 2000
+LOAD_CACHE_KIB = 1 << 20
 
 
 class SQLiteStore(EngineStore):
@@ -135,18 +136,21 @@ class SQLiteStore(EngineStore):
     def bulk_insert(self, rows: Iterable[tuple], chunk_rows: int = 50_000) -> Iterator[int]:
         """Insert NewRow-shaped rows, yielding the running count as it goes, then count them in (seed).
 
-        Into an empty database the rows are staged, then loaded in key order with the secondary
-        indexes built afterwards (`records.load_in_key_order`); into one that holds records,
-        they go in transactions of `chunk_rows` like any batch."""
+        Into an empty database they are appended in one transaction (`records.load_into_empty`:
+        fastest, and leaves full, with rows in (clinic_id, ingest) order); into one that holds
+        records, they go in transactions of `chunk_rows` like any batch."""
+        rows = iter(rows)
         conn = self._db.connection()
-        # For the load only: a cache that holds the indexes being extended (the default 2 MiB
-        # re-reads them from the OS for every row).
-        conn.execute("PRAGMA cache_size = -262144")
+        # For the load only: a cache that holds every page it writes, up to LOAD_CACHE_KIB (the
+        # default 2 MiB re-reads the pages being extended for every row; 256 MiB spilled a
+        # million records' 650 MB, then read them back to build the indexes: 36% more CPU).
+        conn.execute(f"PRAGMA cache_size = -{LOAD_CACHE_KIB}")
         try:
             if not self._db.read("SELECT 1 FROM records LIMIT 1"):
-                yield from records.load_in_key_order(self._db, rows, chunk_rows)
-                return
-            rows = iter(rows)
+                with self._db.transaction(load=True) as conn:
+                    if records.is_empty(conn):  # still, now that this transaction holds the writers' turn
+                        yield from records.load_into_empty(conn, rows, chunk_rows)
+                        return
             total = 0
             while chunk := list(islice(rows, chunk_rows)):
                 self._write(lambda conn: records.insert_rows(conn, chunk, None))
@@ -155,7 +159,6 @@ class SQLiteStore(EngineStore):
             self._write(lambda conn: counters.fold(conn))
         finally:
             conn.execute("PRAGMA cache_size = -2000")
-
 
     # -- reads (the rest are EngineStore's) ---------------------------------------------
 

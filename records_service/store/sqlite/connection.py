@@ -3,7 +3,7 @@
 Each thread of each process has its own connection (sqlite3 connections are not shared between
 threads, and never carried across fork()): it is opened at the thread's first use and reopened
 when the process id changes. Writers take turns on a file lock before `BEGIN IMMEDIATE`;
-`Database.write` is the only place that begins, commits or rolls back.
+`Database.transaction` is the only place that begins, commits or rolls back.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Callable, Iterable, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from ..errors import StoreBusy, StoreCorrupt, StoreError, StoreFull, StoreReadOnly, StoreUnavailable
 from .migrations import SCHEMA_VERSION, migrate
@@ -226,10 +227,24 @@ class Database:
     # -- writes ----------------------------------------------------------------------------
 
     def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `work` in one BEGIN IMMEDIATE transaction; the only place that begins or commits.
+        """Run `work` in one BEGIN IMMEDIATE transaction (see `transaction`)."""
+        with self.transaction() as conn:
+            return work(conn)
 
-        A sqlite3 error inside becomes a domain error; anything `work` raises on purpose (a
-        duplicate, a version mismatch) rolls back and passes through unchanged.
+    @contextmanager
+    def transaction(self, *, load: bool = False) -> Iterator[sqlite3.Connection]:
+        """One BEGIN IMMEDIATE transaction in the writers' turn; the only place that begins or commits.
+
+        A sqlite3 error inside becomes a domain error; anything raised on purpose (a duplicate,
+        a version mismatch) rolls back and passes through unchanged. A generator may hold it
+        across its yields (a bulk load): closing the generator early rolls back.
+
+        With `load` (a bulk load into an empty database), when no other connection has the
+        file open, the transaction runs with a rollback journal instead of the WAL: each new page
+        is written once, into the database (in WAL mode, into the WAL and then again by the
+        checkpoint), and the journal holds only the few pages that existed before. A crash
+        midway leaves that journal: the next connection rolls the load back and switches the file
+        to WAL again, as for a new file. Otherwise (a server has it open) it stays in WAL mode.
         """
         conn = self.connection()
         lock = self._local.writer_lock
@@ -238,22 +253,26 @@ class Database:
             log.warning("another writer held the database past %d ms; write refused", self.busy_timeout_ms)
             raise StoreBusy()
         try:
-            self._begin_immediate(conn, deadline)
+            left_wal = load and _leave_wal(conn, self.busy_timeout_ms)
             try:
-                result = work(conn)
-                conn.execute("COMMIT")
-            except BaseException as exc:
-                self._roll_back(conn, exc)
-                if isinstance(exc, sqlite3.Error):
-                    raise translate(exc, "write failed") from exc
-                raise
+                self._begin_immediate(conn, deadline)
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException as exc:
+                    self._roll_back(conn, exc)
+                    if isinstance(exc, sqlite3.Error):
+                        raise translate(exc, "write failed") from exc
+                    raise
+            finally:
+                if left_wal:
+                    _back_to_wal(conn)
             if self._checkpoint_to_finish:
                 self._checkpoint_to_finish = False
                 _checkpoint(conn)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
         self._checkpoint_now_and_then(conn)
-        return result
 
     @staticmethod
     def _roll_back(conn: sqlite3.Connection, cause: BaseException) -> None:
@@ -332,6 +351,27 @@ class Database:
         except OSError as exc:
             raise StoreUnavailable(f"cannot read the free space of {directory}: {exc.strerror}") from exc
         return stat.f_bavail * stat.f_frsize
+
+
+def _leave_wal(conn: sqlite3.Connection, busy_timeout_ms: int) -> bool:
+    """Switch to a rollback journal if no other connection has the file open (SQLite refuses at
+    once otherwise: it is never waited for). True when switched."""
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        return conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0].lower() == "delete"
+    except sqlite3.Error:
+        return False  # busy: another connection has it open (anything else, BEGIN meets it next)
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+
+
+def _back_to_wal(conn: sqlite3.Connection) -> None:
+    """Back to WAL after a load; if another connection opened the file meanwhile (it waits for
+    the writers' turn to switch it itself), it switches it."""
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+    except sqlite3.Error as exc:
+        log.warning("the database stays in rollback-journal mode until the next connection opens it: %s", exc)
 
 
 def _checkpoint(conn: sqlite3.Connection) -> None:

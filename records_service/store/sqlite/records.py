@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from itertools import islice
-from typing import Callable, Iterable, Iterator
+from itertools import count, islice
+from operator import add
+from typing import Callable, Iterator
 
 from ...validate import timestamp_sort_key
 from ..base import Stored, next_version, record_conditions
@@ -154,51 +155,38 @@ def export_docs(db: Database, filters: dict[str, str], chunk_rows: int) -> Itera
 
 
 
-_SECONDARY_INDEXES = ("records_by_test_id", "records_by_patient", "records_by_request")
+# Built after a load, from sorted runs. records_by_request is kept: a load's rows share one
+# request id (a seed's), so its entries arrive in its own order, appended (sorting after cost more).
+_BUILT_AFTER_LOAD = ("records_by_test_id", "records_by_patient")
+_LOAD_SQL = ("INSERT INTO records (clinic_id, seq, test_id, patient_id, test_type, status, collected_at, version,"
+             " request_id, key_id, doc) VALUES (?2, ?10, ?1, ?3, ?4, ?5, ?6, 1, ?8, NULL, ?9)")
 
 
-def load_in_key_order(db: Database, rows: Iterable[tuple], chunk_rows: int) -> Iterator[int]:
-    """Load NewRow-shaped rows into an empty records table, yielding the running count.
+def load_into_empty(conn: sqlite3.Connection, rows: Iterator[tuple], chunk_rows: int) -> Iterator[int]:
+    """Append NewRow-shaped rows to the records table of an empty database, inside the caller's
+    transaction (a generator holds it across its yields), yielding the running count.
 
-    Rows arrive with their clinics interleaved; inserted as they come, each lands in the middle of
-    the clustered table and of three indexes. Here they are appended to a staging table of this
-    connection, then copied in one transaction in (clinic_id, seq) order with the secondary
-    indexes dropped and built afterwards from sorted runs (the same statements as schema.sql),
-    and counted in. A duplicate test_id fails building the unique index: nothing is stored.
+    Rows in (clinic_id, ingest) order (`seed.seed_rows_in_key_order`) each go after the one
+    before, at the end of the clustered table: no staging, no sort, leaves filled. Two secondary
+    indexes are dropped first and built from sorted runs once all rows are in (the same
+    statements as schema.sql); the counters are tallied as the rows pass. Each row's seq is a
+    base from the clock plus its place in the load, as `insert_rows` would give a batch. A
+    duplicate test_id fails building the unique index, and the caller's rollback stores nothing.
     """
-    conn = db.connection()
-    conn.execute("DROP TABLE IF EXISTS temp.staged")
-    conn.execute("CREATE TEMP TABLE staged (clinic_id, seq, test_id, patient_id, test_type, status, collected_at,"
-                 " request_id, doc)")
-    try:
-        base, total = time.time_ns() // 1000, 0
-        rows = iter(rows)
-        while chunk := list(islice(rows, chunk_rows)):
-            conn.execute("BEGIN")
-            conn.executemany("INSERT INTO temp.staged VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                             [(r[1], base + total + n, r[0], r[2], r[3], r[4], r[5], r[7], r[8])
-                              for n, r in enumerate(chunk)])
-            conn.execute("COMMIT")
-            total += len(chunk)
-            yield total
+    for name in _BUILT_AFTER_LOAD:
+        conn.execute(f"DROP INDEX {name}")
+    tally = counters.Tally()
+    base, total = time.time_ns() // 1000, 0
+    while chunk := list(islice(rows, chunk_rows)):
+        conn.executemany(_LOAD_SQL, map(add, chunk, zip(count(base + total))))
+        tally.add(chunk, base + total)
+        total += len(chunk)
+        yield total
+    for statement in schema_statements():
+        if any(f"INDEX {name} ON" in statement for name in _BUILT_AFTER_LOAD):
+            conn.execute(statement)
+    counters.count_in(conn, tally)
 
-        def load(conn: sqlite3.Connection) -> None:
-            if conn.execute("SELECT 1 FROM records LIMIT 1").fetchone():
-                raise ValueError("records arrived while loading into an empty database; load again")
-            for name in _SECONDARY_INDEXES:
-                conn.execute(f"DROP INDEX {name}")
-            conn.execute("INSERT INTO records (clinic_id, seq, test_id, patient_id, test_type, status, collected_at,"
-                         " version, request_id, key_id, doc) SELECT clinic_id, seq, test_id, patient_id, test_type,"
-                         " status, collected_at, 1, request_id, NULL, doc FROM temp.staged ORDER BY clinic_id, seq")
-            for statement in schema_statements():
-                if any(f"INDEX {name} ON" in statement for name in _SECONDARY_INDEXES):
-                    conn.execute(statement)
-            conn.execute("INSERT OR IGNORE INTO clinic_marks (clinic_id, counted_seq)"
-                         " SELECT DISTINCT clinic_id, 0 FROM temp.staged")
-            counters.fold(conn)
 
-        db.write(load)
-    finally:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        conn.execute("DROP TABLE IF EXISTS temp.staged")
+def is_empty(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM records LIMIT 1").fetchone() is None
