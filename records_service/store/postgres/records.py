@@ -111,7 +111,7 @@ def insert_rows(conn: psycopg.Connection, rows: list[tuple], key_id: str | None)
     base = time.time_ns() // 1000
     test_id, clinic_id, patient_id, test_type, status, collected, created, request_id, doc = zip(*rows)
     params = {"clinic_id": list(clinic_id), "base": [base + n for n in range(len(rows))],
-              "nth": places_in_clinic(clinic_id), "test_id": list(test_id), "patient_id": list(patient_id),
+              "nth": _places_in_clinic(clinic_id), "test_id": list(test_id), "patient_id": list(patient_id),
               "test_type": list(test_type), "status": list(status), "collected_at": list(collected),
               "hour": [at[:13] for at in created], "request_id": list(request_id), "doc": list(doc), "key_id": key_id}
     try:
@@ -128,7 +128,7 @@ def insert_rows(conn: psycopg.Connection, rows: list[tuple], key_id: str | None)
     return {stored for (stored,) in inserted.fetchall()}
 
 
-def places_in_clinic(clinics: Iterable[str]) -> list[int]:
+def _places_in_clinic(clinics: Iterable[str]) -> list[int]:
     """Each row's place (1, 2, ...) among the rows of its clinic, in order."""
     seen: Counter[str] = Counter()
     places = []
