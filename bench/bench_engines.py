@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import statistics
@@ -40,7 +41,7 @@ from pathlib import Path
 import records_gen
 from bench_scale import BARE_APP, add_database_arguments, alternate, db_count, ensure_database, stream
 from common import (ROOT, BenchError, Server, clean_env, finish, free_port, gunicorn_argv, load_arguments, log,
-                    pair_ratios, parse_load_arguments, run_benchmark, server_settings)
+                    pair_ratios, parse_load_arguments, process_stats, run_benchmark, server_settings)
 
 # shared_buffers as a host of its own would set it (the tests' clusters keep 32MB).
 PG_CONF = "shared_buffers = 256MB\neffective_cache_size = 1GB\n"
@@ -66,6 +67,14 @@ def start_postgres(tmp: Path, source: Path, clinics: int):
         f"{time.perf_counter() - started:.0f}s (python -m records_service copy)")
     admin(url, "VACUUM ANALYZE")
     return cluster, url
+
+
+def cluster_cpu_s(cluster) -> float:
+    """CPU seconds used so far by the cluster's live processes (the postmaster and its children):
+    PostgreSQL's own work, which the run lines count as "other"."""
+    root = cluster.postmaster_pid()
+    ticks = sum(int(rest[11]) + int(rest[12]) for pid, rest in process_stats() if root in (pid, int(rest[1])))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def pg_count(url: str) -> int:
@@ -137,6 +146,10 @@ def report(results: dict, args) -> str:
         out.append(f"{name:22}{rate['bare']:11,.0f}{rate['sqlite']:11,.0f}{rate['postgres']:11,.0f}"
                    f"{ratio(rate['postgres'], rate['sqlite']):11.2f}{ratio(rate['sqlite'], rate['bare']):12.2f}"
                    f"{ratio(rate['postgres'], rate['bare']):9.2f}  {units[name]}{tail}{pairs}")
+        if name == "batch" and "cluster_cpu_ms" in r["postgres"]:
+            out.append(f"{'':22}CPU per batch: sqlite's gunicorn {r['sqlite']['cpu_us_per_req'] / 1000:.0f} ms; "
+                       f"postgres' gunicorn {r['postgres']['cpu_us_per_req'] / 1000:.0f} ms + PostgreSQL "
+                       f"{r['postgres']['cluster_cpu_ms']} ms (its processes over the scenario)")
         if name == "post" and "pg-async" in r:
             out.append(f"{'post, pg-async':22}{'':11}{'':11}{r['pg-async']['rps']:11,.0f}"
                        f"{ratio(r['pg-async']['rps'], r['sqlite']['rps']):11.2f}{'':12}"
@@ -151,7 +164,8 @@ def report(results: dict, args) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = load_arguments(__doc__, "bare/sqlite/postgres")
     add_database_arguments(p)
-    p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help="comma-separated: which rows to run (e.g. batch alone)")
     args = parse_load_arguments(p, argv)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if set(args.scenarios) - set(SCENARIOS):
@@ -215,9 +229,14 @@ def run(args: argparse.Namespace, wrk: str, tmp: Path, servers: list[Server], cl
                 {"BENCH_GET_BODY_BYTES": str(size), "BENCH_GET_RECORDS": str(records)})
     if "batch" in args.scenarios:
         before = {"sqlite": db_count(db), "postgres": pg_count(url)}
+        cpu_before = cluster_cpu_s(cluster)
         compare("batch", "scale_batch.lua", [str(args.clinics), "mixed", "1000"], {"BENCH_BATCH_BODY_BYTES": "49"},
                 connections=args.batch_connections)
         stored = {"sqlite": db_count(db) - before["sqlite"], "postgres": pg_count(url) - before["postgres"]}
+        # Over the whole scenario (warm-up and the SQLite runs included, where it idles): PostgreSQL's
+        # CPU per 1,000 records it stored, beside the gunicorn CPU per batch of each run line.
+        results["batch"]["postgres"]["cluster_cpu_ms"] = round(
+            (cluster_cpu_s(cluster) - cpu_before) * 1e6 / max(1, stored["postgres"]))
         for engine, count in stored.items():
             if count < results["batch"][engine]["requests"] * 1000:
                 raise BenchError(f"{engine} answered {results['batch'][engine]['requests']} batches but stored "

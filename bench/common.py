@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -136,10 +136,9 @@ class CpuSnapshot:
     wall: float
 
 
-def cpu_snapshot(server_sids: set[int]) -> CpuSnapshot:
-    fields = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
-    user, nice, system, idle, iowait, irq, softirq, steal = fields
-    servers = servers_sys = 0
+def process_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/<pid>/stat after the command) of every live process:
+    [1] is the parent's pid, [3] the session id, [11] and [12] user and system ticks."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -147,7 +146,14 @@ def cpu_snapshot(server_sids: set[int]) -> CpuSnapshot:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        rest = stat[stat.rfind(")") + 2:].split()
+        yield int(entry), stat[stat.rfind(")") + 2:].split()
+
+
+def cpu_snapshot(server_sids: set[int]) -> CpuSnapshot:
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    servers = servers_sys = 0
+    for _, rest in process_stats():
         if int(rest[3]) in server_sids:  # session id: each gunicorn runs in a session of its own
             servers += int(rest[11]) + int(rest[12])
             servers_sys += int(rest[12])

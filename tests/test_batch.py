@@ -209,6 +209,24 @@ def test_an_atomic_batch_that_fails_validation_writes_nothing_and_one_that_meets
     assert listed(client, "C1") == ["taken"]
 
 
+@pytest.mark.both_engines
+def test_a_clinics_records_follow_its_last_seq_when_the_clock_is_behind_it(client, raw_db):
+    """A record stored with a seq ahead of this host's clock (written straight into the table, as
+    by a host whose clock ran fast): the clinic's next records follow it, one apart, in order."""
+    assert post(client, make("first")).status_code == 201
+    ahead = 9_000_000_000_000_000
+    raw_db.execute("INSERT INTO records (clinic_id, seq, test_id, patient_id, test_type, status, collected_at,"
+                   " version, request_id, doc) SELECT clinic_id, ?, 'ahead', patient_id, test_type, status,"
+                   " collected_at, 1, request_id, replace(doc, '\"first\"', '\"ahead\"') FROM records"
+                   " WHERE test_id = 'first'", (ahead,))
+    resp = batch(client, ndjson([make("b1"), make("elsewhere", clinic_id="C2"), make("b2")]))
+    assert resp.status_code == 200 and resp.json["created"] == 3, resp.text
+    seqs = dict(raw_db.execute("SELECT test_id, seq FROM records WHERE clinic_id = 'C1'"))
+    assert (seqs["b1"], seqs["b2"]) == (ahead + 1, ahead + 2)
+    assert raw_db.execute("SELECT seq FROM records WHERE test_id = 'elsewhere'")[0][0] < ahead
+    assert listed(client, "C1") == ["first", "ahead", "b1", "b2"]
+
+
 def test_a_batch_logs_counts_never_clinical_data(client, record, caplog):
     caplog.set_level("INFO")
     secret = {**record, "result": "SECRET-RESULT", "notes": "SECRET-NOTES"}

@@ -10,11 +10,18 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
+from pathlib import Path
+
 import falcon.testing
+import pytest
 
 from records_service.store.sqlite import migrations
+from tests.live import RawDatabase
 from tests.old_schemas import INSERT_SQL, database_at, old_row
 from records_service.app import create_app
+from records_service.config import Settings
+from records_service.store import open_store
+from records_service.store.postgres import counters as postgres_counters, migrations as postgres_migrations
 from records_service.seed import seed_rows
 from records_service.store import prepare
 from tests.test_listing import ids, make, next_url
@@ -162,3 +169,64 @@ def test_several_servers_starting_at_once_on_an_old_database_migrate_it_once_bef
     assert len(links) == 1
     path = links.pop()[1:].split(">", 1)[0]
     assert {server.request("GET", path).status for _ in range(12)} == {200}
+
+
+def postgres_schema_of(url: str) -> dict:
+    """What a PostgreSQL schema is, whatever the name of the namespace holding it: each table's
+    columns, each index's and constraint's definition, each trigger's and function's text."""
+    db = RawDatabase("", url)
+    try:
+        namespace = db.execute("SELECT current_schema()")[0][0]
+        queries = {
+            "columns": "SELECT table_name, column_name, data_type, is_nullable, column_default, collation_name"
+                       " FROM information_schema.columns WHERE table_schema = current_schema() ORDER BY 1, 2",
+            "indexes": "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema() ORDER BY 1",
+            "constraints": "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint"
+                           " WHERE connamespace = current_schema()::regnamespace ORDER BY 1, 2",
+            "triggers": "SELECT tgname, pg_get_triggerdef(t.oid) FROM pg_trigger AS t JOIN pg_class AS c"
+                        " ON c.oid = t.tgrelid WHERE c.relnamespace = current_schema()::regnamespace"
+                        " AND NOT t.tgisinternal ORDER BY 1",
+            "functions": "SELECT proname, prosrc FROM pg_proc WHERE pronamespace = current_schema()::regnamespace"
+                         " ORDER BY 1",
+        }
+        return {kind: [tuple(str(value).replace(f"{namespace}.", "") for value in row) for row in db.execute(sql)]
+                for kind, sql in queries.items()}
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("engine", ["postgresql"])
+def test_a_postgresql_database_of_schema_1_migrates_to_exactly_the_current_schema(settings, postgres):
+    old = RawDatabase("", settings.database_url)
+    old.conn.execute((Path(__file__).parent / "postgres_schema_1.sql").read_text())
+    old.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL"
+                " DEFAULT now())")
+    old.execute("INSERT INTO schema_migrations (version) VALUES (1)")
+    # Records as schema 1's code left them, with seqs ahead of any clock, so the next insert's
+    # seq shows which last seq it read.
+    far = 9_000_000_000_000_000
+    for n, (clinic_id, seq) in enumerate([("C1", far), ("C1", far + 7), ("C2", far + 3)]):
+        row = prepare(make(f"old-{n}", clinic_id=clinic_id), "req-v1", "2025-05-31T00:00:00.000Z")
+        old.execute("INSERT INTO records (clinic_id, seq, test_id, patient_id, test_type, status, collected_at,"
+                    " version, request_id, doc) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?)",
+                    (clinic_id, seq, row.test_id, row.patient_id, row.test_type, row.status, row.collected_key,
+                     row.request_id, row.doc))
+    for statement in postgres_counters.RECOUNT:
+        old.conn.execute(statement)
+    old.close()
+
+    store = open_store(settings)
+    assert store.migrate() == postgres_migrations.SCHEMA_VERSION
+    fresh_url = postgres.new_database()
+    fresh = open_store(Settings(database_url=fresh_url))
+    fresh.migrate()
+    fresh.close()
+    assert postgres_schema_of(settings.database_url) == postgres_schema_of(fresh_url)
+
+    db = RawDatabase("", settings.database_url)
+    assert db.execute("SELECT clinic_id, last_seq FROM clinic_seq ORDER BY 1") == [("C1", far + 7), ("C2", far + 3)]
+    store.insert(make("new-1", clinic_id="C1"), request_id="req-v2", now="2025-06-01T00:00:00.000Z")
+    assert db.execute("SELECT seq FROM records WHERE test_id = 'new-1'") == [(far + 8,)]
+    assert set(store.check()["counter_mismatches"].values()) == {0}
+    db.close()
+    store.close()

@@ -15,6 +15,7 @@ import falcon.testing
 import pytest
 
 from records_service import __version__, dashboard
+from records_service.store.postgres.migrations import SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION
 from records_service.store.sqlite.migrations import SCHEMA_VERSION
 from records_service.app import create_app
 from records_service.config import Settings
@@ -158,7 +159,8 @@ def test_dashboard_shows_counts_per_clinic_and_per_hour(client, clock, record, e
         assert tile(resp.text, "journal-mode") == "wal"
         assert tile(resp.text, "database-size").endswith("KiB") and tile(resp.text, "wal-size").endswith("KiB")
     else:
-        assert (tile(resp.text, "schema-version"), tile(resp.text, "journal-mode")) == ("1", "PostgreSQL WAL")
+        assert (tile(resp.text, "schema-version"), tile(resp.text, "journal-mode")) == (
+            str(POSTGRES_SCHEMA_VERSION), "PostgreSQL WAL")
         assert tile(resp.text, "database-size").endswith("iB") and tile(resp.text, "wal-size").endswith("iB")
 
 

@@ -21,7 +21,7 @@ from records_service.app import create_app
 from records_service.config import Settings
 from records_service.seed import clinic_ids, seed_rows
 from records_service.store import open_store
-from records_service.store.postgres.migrations import MIGRATION_LOCK
+from records_service.store.postgres.migrations import MIGRATION_LOCK, SCHEMA_VERSION
 from tests.live import REPO, PostgresCluster, RawDatabase, admin, run_cli, writes_held
 from tests.test_gunicorn import make_record, wait_for_log
 
@@ -50,7 +50,7 @@ def test_a_sqlite_install_never_imports_psycopg(tmp_path):
 def test_ready_on_postgresql_says_so_without_a_journal_mode(settings, clock):
     client = falcon.testing.TestClient(create_app(settings, clock=clock))
     body = client.simulate_get("/ready").json
-    assert (body["status"], body["engine"], body["schema_version"]) == ("ready", "postgresql", 1)
+    assert (body["status"], body["engine"], body["schema_version"]) == ("ready", "postgresql", SCHEMA_VERSION)
     assert "journal_mode" not in body
 
 
@@ -76,10 +76,10 @@ def test_hosts_starting_at_once_migrate_once(settings):
     holder.close()
     outputs = [proc.communicate(timeout=60) for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * starters, outputs
-    assert [out.strip() for out, _ in outputs] == ["1"] * starters
+    assert [out.strip() for out, _ in outputs] == [str(SCHEMA_VERSION)] * starters
     assert sum(err.count("schema created") for _, err in outputs) == 1
     db = RawDatabase("", settings.database_url)
-    assert db.execute("SELECT version FROM schema_migrations") == [(1,)]
+    assert db.execute("SELECT version FROM schema_migrations") == [(SCHEMA_VERSION,)]
     db.close()
 
 
@@ -178,7 +178,7 @@ def test_check_and_backup_on_postgresql(settings, client, record, tmp_path):
     assert client.simulate_post("/tests", json=record).status_code == 201
     checked = run_cli(tmp_path / "unused.db", "check", database_url=settings.database_url)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "integrity ok, schema version 1, 1 records" in checked.stdout
+    assert f"integrity ok, schema version {SCHEMA_VERSION}, 1 records" in checked.stdout
     assert "problem" not in checked.stdout
 
     backup = run_cli(tmp_path / "unused.db", "backup", str(tmp_path / "copy.db"), database_url=settings.database_url)

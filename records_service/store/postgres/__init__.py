@@ -88,14 +88,17 @@ class PostgresStore(EngineStore):
                      atomic: bool) -> dict[str, dict]:
         rows = [prepare(record, request_id, now) for record in batch]
 
+        # An atomic batch looks for stored test_ids first, so that one taken stores nothing; any
+        # other batch just inserts (a taken test_id is skipped) and fetches the skipped ones' stored
+        # versions after: 1,000 look-ups fewer in the common case of none taken.
         def work(conn: psycopg.Connection) -> dict[str, str]:
-            found = records.existing(conn, [row.test_id for row in rows])
-            if found and atomic:
+            found = records.existing(conn, [row.test_id for row in rows]) if atomic else {}
+            if found:
                 return found
-            inserted = records.insert_rows(conn, [row for row in rows if row.test_id not in found], key_id)
-            raced = [row.test_id for row in rows if row.test_id not in found and row.test_id not in inserted]
-            if raced:  # stored by another writer between the two statements
-                found.update(records.existing(conn, raced))
+            inserted = records.insert_rows(conn, rows, key_id)
+            skipped = [row.test_id for row in rows if row.test_id not in inserted]
+            if skipped:  # stored before (or, in an atomic batch, by another writer meanwhile)
+                found.update(records.existing(conn, skipped))
                 if atomic:
                     raise _NothingStored(found)
             return found

@@ -21,7 +21,27 @@ log = logging.getLogger("records_service.store")
 MIGRATION_LOCK = 0x7265636F726473
 
 # Version N's script moves the schema from N-1 to N. Version 1 is schema.sql as first shipped.
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    # Each clinic's last seq in a table of its own, kept by a trigger (inserts read it instead of
+    # max(seq) per row). Records are locked against inserts while it is filled, so none is missed.
+    2: """
+CREATE TABLE clinic_seq (
+    clinic_id TEXT PRIMARY KEY,
+    last_seq  BIGINT NOT NULL
+);
+CREATE FUNCTION records_advance_clinic_seq() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO clinic_seq AS s (clinic_id, last_seq)
+    SELECT clinic_id, max(seq) FROM inserted GROUP BY clinic_id ORDER BY clinic_id
+    ON CONFLICT (clinic_id) DO UPDATE SET last_seq = greatest(s.last_seq, excluded.last_seq);
+    RETURN NULL;
+END $$;
+LOCK TABLE records IN SHARE MODE;
+INSERT INTO clinic_seq (clinic_id, last_seq) SELECT clinic_id, max(seq) FROM records GROUP BY clinic_id;
+CREATE TRIGGER records_advance_clinic_seq AFTER INSERT ON records REFERENCING NEW TABLE AS inserted
+    FOR EACH STATEMENT EXECUTE FUNCTION records_advance_clinic_seq();
+""",
+}
 SCHEMA_VERSION = max(MIGRATIONS, default=1)
 
 

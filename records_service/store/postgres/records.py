@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable, Iterator
+from collections import Counter
+from typing import Callable, Iterable, Iterator
 
 import psycopg
+from psycopg import errors as pg_errors
 from psycopg.pq import TransactionStatus
 
 from ...validate import timestamp_sort_key
@@ -19,40 +21,48 @@ from ..base import Stored, next_version, record_conditions
 from . import counters
 from .connection import Database, translate
 
-# One statement inserts a whole batch from arrays and counts what went in. A test_id already
-# taken is skipped, never an error that would abort the transaction; RETURNING names what went
-# in. Each row's seq is the larger of the clock in microseconds plus its place in the request
-# (`base`: one request's records, whatever their clinics, are in write order) and its clinic's
-# last seq plus its place among the request's rows of that clinic (`nth`: a clinic's order never
-# goes back, whatever the clock does): SQLite's rule, computed here in one pass. The clinic's last
-# seq is read by this statement, so after the clinic's lock was taken: no other writer's
-# uncommitted seq can be behind it.
-_INSERT_SQL = """
+# One statement inserts a whole batch from arrays (sent in binary: text arrays would be escaped
+# element by element, ~0.1 s of the worker's CPU for 1,000 records) and counts what went in;
+# RETURNING names what went in. Each row's seq is the larger of the clock in microseconds plus its
+# place in the request (`base`: one request's records, whatever their clinics, are in write order)
+# and its clinic's last seq plus its place among the request's rows of that clinic (`nth`: a
+# clinic's order never goes back, whatever the clock does): SQLite's rule. The clinic's last seq is
+# its row of clinic_seq (kept by a trigger on records), read by this statement, so after the
+# clinic's lock was taken: no other writer's uncommitted seq can be behind it.
+def _insert_sql(skip_taken: bool) -> str:
+    """The batch insert. `skip_taken`: a taken test_id is skipped (ON CONFLICT, at the price of a
+    look-up per row before its insert) and only what went in is counted; otherwise a taken one
+    fails the statement (a unique violation), so every row went in and is counted from the arrays."""
+    conflict = "ON CONFLICT (test_id) DO NOTHING " if skip_taken else ""
+    counted = "stored JOIN t USING (test_id)" if skip_taken else "t"
+    return f"""
 WITH t AS (
-    SELECT *, row_number() OVER (PARTITION BY clinic_id ORDER BY n) AS nth
-    FROM unnest(%(clinic_id)s::text[], %(base)s::bigint[], %(test_id)s::text[], %(patient_id)s::text[],
-                %(test_type)s::text[], %(status)s::text[], %(collected_at)s::text[], %(hour)s::text[],
-                %(request_id)s::text[], %(doc)s::text[]) WITH ORDINALITY
-        AS u (clinic_id, base, test_id, patient_id, test_type, status, collected_at, hour, request_id, doc, n)
+    SELECT * FROM unnest(%(clinic_id)b::text[], %(base)b::int8[], %(nth)b::int8[], %(test_id)b::text[],
+                         %(patient_id)b::text[], %(test_type)b::text[], %(status)b::text[], %(collected_at)b::text[],
+                         %(hour)b::text[], %(request_id)b::text[], %(doc)b::text[]) WITH ORDINALITY
+        AS u (clinic_id, base, nth, test_id, patient_id, test_type, status, collected_at, hour, request_id, doc, n)
 ), stored AS (
     INSERT INTO records (clinic_id, seq, test_id, patient_id, test_type, status, collected_at, version,
                          request_id, key_id, doc)
-    SELECT clinic_id, greatest(base, coalesce((SELECT max(seq) FROM records AS r WHERE r.clinic_id = t.clinic_id), 0)
-                                     + nth),
-           test_id, patient_id, test_type, status, collected_at, 1, request_id, %(key_id)s, doc
-    FROM t ORDER BY n
-    ON CONFLICT (test_id) DO NOTHING RETURNING test_id, clinic_id, test_type, status
+    SELECT t.clinic_id, greatest(t.base, coalesce(s.last_seq, 0) + t.nth),
+           t.test_id, t.patient_id, t.test_type, t.status, t.collected_at, 1, t.request_id, %(key_id)s, t.doc
+    FROM t LEFT JOIN clinic_seq AS s USING (clinic_id) ORDER BY t.n
+    {conflict}RETURNING test_id
 ), counted AS (
     INSERT INTO clinic_counts (clinic_id, test_type, status, records)
-    SELECT clinic_id, test_type, status, count(*) FROM stored GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+    SELECT t.clinic_id, t.test_type, t.status, count(*) FROM {counted} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
     ON CONFLICT (clinic_id, test_type, status) DO UPDATE SET records = clinic_counts.records + excluded.records
 ), hours AS (
     INSERT INTO clinic_hours (clinic_id, hour, records)
-    SELECT t.clinic_id, t.hour, count(*) FROM stored JOIN t USING (test_id) GROUP BY 1, 2 ORDER BY 1, 2
+    SELECT t.clinic_id, t.hour, count(*) FROM {counted} GROUP BY 1, 2 ORDER BY 1, 2
     ON CONFLICT (clinic_id, hour) DO UPDATE SET records = clinic_hours.records + excluded.records
 )
 SELECT test_id FROM stored
 """
+
+
+_INSERT_ALL_SQL = _insert_sql(skip_taken=False)
+_INSERT_SQL = _insert_sql(skip_taken=True)
 _EXISTING_SQL = "SELECT test_id, doc FROM records WHERE test_id = ANY(%s)"
 _HISTORY_SQL = (
     "SELECT v.version, v.doc FROM record_versions AS v JOIN records AS r ON r.test_id = v.test_id"
@@ -88,17 +98,44 @@ def lock_clinics(conn: psycopg.Connection, clinics: list[str]) -> None:
 
 def insert_rows(conn: psycopg.Connection, rows: list[tuple], key_id: str | None) -> set[str]:
     """Insert `NewRow`-shaped rows inside the caller's transaction, counted in; return the
-    test_ids inserted (one already taken, by a writer that committed meanwhile, is not)."""
+    test_ids inserted (one already taken is not: stored before, or by a writer that committed
+    meanwhile).
+
+    Everything that does not need the clinics' locks is done before taking them: the arrays are
+    built here, and the lock and the insert go in one round trip (a pipeline), so the locks are
+    held for the insert's own time and the commit. The insert first assumes no test_id is taken
+    (the common case, and the cheaper statement: ~12% less CPU), in a savepoint; if one is, it is
+    rolled back to the savepoint (the clinics' locks stay) and done again skipping the taken ones."""
     if not rows:
         return set()
-    lock_clinics(conn, list({row[1] for row in rows}))
     base = time.time_ns() // 1000
     test_id, clinic_id, patient_id, test_type, status, collected, created, request_id, doc = zip(*rows)
-    params = {"clinic_id": list(clinic_id), "base": [base + n for n in range(len(rows))], "test_id": list(test_id),
-              "patient_id": list(patient_id), "test_type": list(test_type), "status": list(status),
-              "collected_at": list(collected), "hour": [at[:13] for at in created], "request_id": list(request_id),
-              "doc": list(doc), "key_id": key_id}
-    return {stored for (stored,) in conn.execute(_INSERT_SQL, params).fetchall()}
+    params = {"clinic_id": list(clinic_id), "base": [base + n for n in range(len(rows))],
+              "nth": _places_in_clinic(clinic_id), "test_id": list(test_id), "patient_id": list(patient_id),
+              "test_type": list(test_type), "status": list(status), "collected_at": list(collected),
+              "hour": [at[:13] for at in created], "request_id": list(request_id), "doc": list(doc), "key_id": key_id}
+    try:
+        with conn.pipeline():
+            lock_clinics(conn, list(set(clinic_id)))
+            conn.execute("SAVEPOINT insert_rows")
+            inserted = conn.execute(_INSERT_ALL_SQL, params)
+            conn.execute("RELEASE SAVEPOINT insert_rows")
+    except pg_errors.UniqueViolation as exc:
+        if exc.diag.constraint_name != "records_by_test_id":
+            raise
+        conn.execute("ROLLBACK TO SAVEPOINT insert_rows")
+        inserted = conn.execute(_INSERT_SQL, params)
+    return {stored for (stored,) in inserted.fetchall()}
+
+
+def _places_in_clinic(clinics: Iterable[str]) -> list[int]:
+    """Each row's place (1, 2, ...) among the rows of its clinic, in order."""
+    seen: Counter[str] = Counter()
+    places = []
+    for clinic in clinics:
+        seen[clinic] += 1
+        places.append(seen[clinic])
+    return places
 
 
 def existing(conn: psycopg.Connection, test_ids: list[str]) -> dict[str, str]:

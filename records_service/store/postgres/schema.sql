@@ -1,10 +1,10 @@
--- The current PostgreSQL schema (version 1), whole: a new database is created from this file in
+-- The current PostgreSQL schema (version 2), whole: a new database is created from this file in
 -- one transaction; migrations.py upgrades older ones to exactly this.
 
 -- Every record's current version. `seq` rises within a clinic in commit order: a new record
 -- takes its clinic's advisory lock, then the larger of the clock in microseconds and the
--- clinic's last seq + 1 (the same rule as SQLite, so a copied database keeps its order and
--- cursors). The document is the record exactly as the API returns it, byte for byte.
+-- clinic's last seq (clinic_seq) + 1 (the same rule as SQLite, so a copied database keeps its
+-- order and cursors). The document is the record exactly as the API returns it, byte for byte.
 CREATE TABLE records (
     clinic_id    TEXT NOT NULL,
     seq          BIGINT NOT NULL,
@@ -24,6 +24,24 @@ CREATE INDEX records_by_patient ON records (clinic_id, patient_id, seq);
 CREATE INDEX records_by_request ON records (request_id);
 -- A clinic's first and last collected_at for /tests/_stats: two probes of this index.
 CREATE INDEX records_by_collected ON records (clinic_id, collected_at);
+
+-- Each clinic's largest seq, kept by the database whatever code inserts (a statement trigger,
+-- one upsert per clinic per statement), so an insert reads its clinics' last seqs from this
+-- small table rather than from the records' primary key, and a host of an older release that
+-- inserts during an upgrade keeps it right too.
+CREATE TABLE clinic_seq (
+    clinic_id TEXT PRIMARY KEY,
+    last_seq  BIGINT NOT NULL
+);
+CREATE FUNCTION records_advance_clinic_seq() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO clinic_seq AS s (clinic_id, last_seq)
+    SELECT clinic_id, max(seq) FROM inserted GROUP BY clinic_id ORDER BY clinic_id
+    ON CONFLICT (clinic_id) DO UPDATE SET last_seq = greatest(s.last_seq, excluded.last_seq);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER records_advance_clinic_seq AFTER INSERT ON records REFERENCING NEW TABLE AS inserted
+    FOR EACH STATEMENT EXECUTE FUNCTION records_advance_clinic_seq();
 
 -- Every superseded version, append-only; the current one is the records row.
 CREATE TABLE record_versions (
