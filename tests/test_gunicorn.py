@@ -46,12 +46,15 @@ def test_32_concurrent_writers_get_only_201s_and_every_record_is_stored_once(sta
             test_id = f"w{client_no}-{i}"
             resp = server.request("POST", "/tests", make_record(test_id, clinics[client_no % 4]))
             outcomes.append((test_id, resp.status))
+            if resp.status != 201:
+                refusals.append(resp.body[:300])
         return outcomes
 
+    refusals = []
     with ThreadPoolExecutor(max_workers=32) as pool:
         outcomes = [o for batch in pool.map(write, range(32)) for o in batch]
 
-    assert {status for _, status in outcomes} == {201}
+    assert {status for _, status in outcomes} == {201}, refusals
     stored = [test_id for clinic in clinics for test_id in clinic_ids(server, clinic)]
     assert sorted(stored) == sorted(test_id for test_id, _ in outcomes)
     assert len(stored) == 32 * 15
