@@ -146,7 +146,7 @@ class SQLiteStore(EngineStore):
         # million records' 650 MB, then read them back to build the indexes: 36% more CPU).
         conn.execute(f"PRAGMA cache_size = -{LOAD_CACHE_KIB}")
         try:
-            if not self._db.read("SELECT 1 FROM records LIMIT 1"):
+            if self._db.snapshot(records.is_empty):
                 with self._db.transaction(load=True) as conn:
                     if records.is_empty(conn):  # still, now that this transaction holds the writers' turn
                         yield from records.load_into_empty(conn, rows, chunk_rows)
