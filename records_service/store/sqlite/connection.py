@@ -3,7 +3,8 @@
 Each thread of each process has its own connection (sqlite3 connections are not shared between
 threads, and never carried across fork()): it is opened at the thread's first use and reopened
 when the process id changes. Writers take turns on a file lock before `BEGIN IMMEDIATE`;
-`Database.transaction` is the only place that begins, commits or rolls back.
+`Database.transaction` is the only place that begins, commits or rolls back a transaction (a
+group of writes rolls back one of them to its savepoint: group_commit.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from ..errors import StoreBusy, StoreCorrupt, StoreError, StoreFull, StoreReadOnly, StoreUnavailable
+from .group_commit import GroupCommit
 from .migrations import SCHEMA_VERSION, migrate
 
 log = logging.getLogger("records_service.store")
@@ -92,6 +94,7 @@ class Database:
         self._last_checkpoint = time.monotonic()
         self._checkpoint_to_finish = False  # see _checkpoint_now_and_then
         self._migrated = False
+        self._group = GroupCommit(self.transaction, translate, busy_timeout_ms / 1000)
 
     # -- connections -----------------------------------------------------------------------
 
@@ -227,12 +230,12 @@ class Database:
     # -- writes ----------------------------------------------------------------------------
 
     def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `work` in one BEGIN IMMEDIATE transaction (see `transaction`)."""
-        with self.transaction() as conn:
-            return work(conn)
+        """Run `work` in a BEGIN IMMEDIATE transaction (see `transaction`), committed together with
+        the writes other threads of this process asked for meanwhile (group_commit.py)."""
+        return self._group.write(work)
 
     @contextmanager
-    def transaction(self, *, load: bool = False) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, load: bool = False, deadline: float | None = None) -> Iterator[sqlite3.Connection]:
         """One BEGIN IMMEDIATE transaction in the writers' turn; the only place that begins or commits.
 
         A sqlite3 error inside becomes a domain error; anything raised on purpose (a duplicate,
@@ -245,10 +248,14 @@ class Database:
         checkpoint), and the journal holds only the few pages that existed before. A crash
         midway leaves that journal: the next connection rolls the load back and switches the file
         to WAL again, as for a new file. Otherwise (a server has it open) it stays in WAL mode.
+
+        `deadline` (time.monotonic()) bounds the wait for the turn; by default the busy timeout
+        from now (a group of writes passes its first write's).
         """
         conn = self.connection()
         lock = self._local.writer_lock
-        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        if deadline is None:
+            deadline = time.monotonic() + self.busy_timeout_ms / 1000
         if not self._take_writer_turn(deadline):
             log.warning("another writer held the database past %d ms; write refused", self.busy_timeout_ms)
             raise StoreBusy()
