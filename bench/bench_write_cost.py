@@ -14,6 +14,9 @@ Seeds --records records over --clinics clinics through `SQLiteStore.bulk_insert`
   (folds off): median, mean and max of 200 into random clinics, and the frames by B-tree.
   Request IDs are random UUIDs, as the service makes them; test_ids random UUIDs, or with
   `--test-ids per-clinic` each clinic's own numbering in order (a lab's LIMS);
+- WAL frames and commits per record when --threads threads (16, a worker's) each insert records
+  at once (group commit: each commit carries the writes that waited for it), beside the same
+  with each write committed alone (`common.write_alone`, as before group commit);
 - the in-process time of correcting the record holding the largest clinic's earliest
   collected_at (median of 20), and its SQLite VM steps.
 """
@@ -25,17 +28,20 @@ import os
 import random
 import sqlite3
 import statistics
+import struct
 import tempfile
+import threading
 from collections import Counter
 import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import log, log_command, wal_page_owners  # common puts the repository on sys.path
+from common import log, log_command, wal_page_owners, write_alone  # common puts the repository on sys.path
 from records_service.seed import clinic_ids, seed_rows_in_key_order
 from records_service.store.sqlite import SQLiteStore
 import records_service.store.sqlite as sqlite_engine
+from records_service.store.sqlite import connection as sqlite_connection
 
 
 def record(test_id: str, clinic_id: str, collected_at: str = "2025-05-01T10:00:00Z", patient: str = "P-bench") -> dict:
@@ -53,6 +59,7 @@ def main() -> int:
     p.add_argument("--warm", type=int, default=1000,
                    help="single inserts (amortised figure) before the 200 measured alone: a seeded database's"
                         " indexes are packed full, and each leaf splits the first time an insert reaches it")
+    p.add_argument("--threads", type=int, default=16, help="threads inserting at once (concurrent figure)")
     p.add_argument("--page-size", type=int, default=None, help="make the database with this page size first")
     args = p.parse_args()
     log_command()
@@ -117,6 +124,9 @@ def main() -> int:
         log("  frames per insert by B-tree: " + ", ".join(
             f"{name} {n / len(frames):.2f}" for name, n in by_object.most_common()))
 
+        for grouped in (True, False):
+            concurrent_frames(store, path, page_size, args.threads, grouped, clinics)
+
         biggest = clinics[0]
         times, steps = [], []
         for n in range(20):
@@ -137,6 +147,54 @@ def main() -> int:
             f"{statistics.median(times):.2f} ms in-process, {statistics.median(steps):,} SQLite VM steps")
         store.close()
     return 0
+
+
+def wal_frames_and_commits(wal: Path, page_size: int) -> tuple[int, int]:
+    """Frames in a WAL file, and how many of them end a commit (a frame header's second word, the
+    database size after the commit, is non-zero only there)."""
+    frames = commits = 0
+    with open(wal, "rb") as f:
+        f.seek(32)
+        while header := f.read(24):
+            if len(header) < 24:
+                break
+            frames += 1
+            commits += struct.unpack(">II", header[:8])[1] != 0
+            f.seek(page_size, os.SEEK_CUR)
+    return frames, commits
+
+
+def concurrent_frames(store: SQLiteStore, path: Path, page_size: int, threads: int, grouped: bool,
+                      clinics: list[str]) -> None:
+    """`threads` threads insert 50 records each at once, into random clinics, with random UUIDs;
+    frames and commits counted from the WAL, started afresh and not checkpointed meanwhile."""
+    per_thread = 50
+    conn = store._db.connection()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    every = sqlite_connection.CHECKPOINT_EVERY_COMMITS
+    sqlite_connection.CHECKPOINT_EVERY_COMMITS = float("inf")
+    if not grouped:
+        store._db.write = lambda work: write_alone(store._db, work)
+
+    def run() -> None:
+        for _ in range(per_thread):
+            store.insert(record(str(uuid.uuid4()), random.choice(clinics), patient=f"P{random.randrange(100_000):06d}"),
+                         request_id=str(uuid.uuid4()), now="2025-06-01T00:00:00.000Z")
+
+    try:
+        workers = [threading.Thread(target=run) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        sqlite_connection.CHECKPOINT_EVERY_COMMITS = every
+        vars(store._db).pop("write", None)
+    frames, commits = wal_frames_and_commits(Path(f"{path}-wal"), page_size)
+    records = threads * per_thread
+    log(f"{threads} threads inserting at once, {'grouped' if grouped else 'each write committed alone'}: "
+        f"{records:,} records in {commits:,} commits ({records / commits:.1f} a commit), "
+        f"{frames / records:.2f} WAL frames a record")
 
 
 if __name__ == "__main__":

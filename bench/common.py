@@ -49,6 +49,12 @@ class BenchError(RuntimeError):
     pass
 
 
+def write_alone(db, work):
+    """`work` in a transaction of its own, as `Database.write` did before group commit (bench only)."""
+    with db.transaction() as conn:
+        return work(conn)
+
+
 def log(msg: str = "") -> None:
     print(msg, flush=True)
 

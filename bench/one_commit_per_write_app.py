@@ -6,15 +6,10 @@ turn, begins and commits once per write instead of once per group of waiting wri
         --ours-app 'one_commit_per_write_app:create_app()'
 """
 
+from common import write_alone  # common puts the repository on sys.path
 from records_service.app import create_app
 from records_service.store.sqlite.connection import Database
 
 __all__ = ["create_app"]  # the factory --ours-app names
 
-
-def _write_alone(self, work):
-    with self.transaction() as conn:
-        return work(conn)
-
-
-Database.write = _write_alone
+Database.write = write_alone

@@ -28,8 +28,11 @@ T = TypeVar("T")
 # another writer holding the database, waiting writes would otherwise take every thread (issue
 # 17). While slots keep being given back (writes are flowing) a write waits up to
 # WRITE_SLOT_WAIT_S for one; once none has been given back for WRITES_STUCK_S, it is refused at once.
+# Slots come back in bursts, a commit's worth at a time (SQLite commits a process's waiting writes
+# together; PostgreSQL's writes to one clinic take turns through their commits): under load on a
+# busy machine 0.25 s passed between two commits with nothing stuck, and a write was refused.
 WRITE_SLOT_WAIT_S = 0.25
-WRITES_STUCK_S = 0.25
+WRITES_STUCK_S = 0.5
 
 
 class Stored(NamedTuple):

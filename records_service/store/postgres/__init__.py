@@ -25,8 +25,6 @@ from .migrations import SCHEMA_VERSION, current_version, migrate
 log = logging.getLogger("records_service.store")
 
 
-POSTGRES_WRITES_STUCK_S = 0.5
-
 
 class _NothingStored(Exception):
     """An atomic batch met a test_id stored meanwhile by another writer: roll back what went in."""
@@ -42,10 +40,9 @@ class PostgresStore(EngineStore):
         self._db = Database(url, busy_timeout_ms=busy_timeout_ms, on_connect=migrate)
         # Writes to different clinics run side by side here, but a clinic's take turns through
         # their commit (an fsync): under a burst on a loaded machine (32 clients, 4 clinics, the
-        # suite beside) a slot took longer than SQLite's wait to free, and a process went 0.25 s
-        # without a commit while nothing was stuck. So a write waits for a slot up to the bound
-        # while writes flow, and writes count as stuck after 0.5 s without a commit.
-        self._slots = WriterSlots(writers, wait_s=busy_timeout_ms / 1000, stuck_s=POSTGRES_WRITES_STUCK_S)
+        # suite beside) a slot took longer than SQLite's wait to free. So a write waits for a
+        # slot up to the bound while writes flow.
+        self._slots = WriterSlots(writers, wait_s=busy_timeout_ms / 1000)
 
     # -- life cycle ------------------------------------------------------------------------
 

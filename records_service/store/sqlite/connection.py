@@ -94,7 +94,8 @@ class Database:
         self._last_checkpoint = time.monotonic()
         self._checkpoint_to_finish = False  # see _checkpoint_now_and_then
         self._migrated = False
-        self._group = GroupCommit(self.transaction, translate, busy_timeout_ms / 1000)
+        self._group = GroupCommit(self.transaction, translate, busy_timeout_ms / 1000,
+                                  after_commit=lambda: self._checkpoint_now_and_then(self.connection()))
 
     # -- connections -----------------------------------------------------------------------
 
@@ -231,7 +232,8 @@ class Database:
 
     def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run `work` in a BEGIN IMMEDIATE transaction (see `transaction`), committed together with
-        the writes other threads of this process asked for meanwhile (group_commit.py)."""
+        the writes other threads of this process asked for meanwhile (group_commit.py); now and
+        then a checkpoint follows, once the writes' threads have their results."""
         return self._group.write(work)
 
     @contextmanager
@@ -279,7 +281,6 @@ class Database:
                 _checkpoint(conn)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-        self._checkpoint_now_and_then(conn)
 
     @staticmethod
     def _roll_back(conn: sqlite3.Connection, cause: BaseException) -> None:
@@ -333,8 +334,8 @@ class Database:
     def _checkpoint_now_and_then(self, conn: sqlite3.Connection) -> None:
         """Copy the WAL into the database once enough commits and time have passed, in two steps.
 
-        The bulk of the copy, and its fsync, runs here, after the turn was given back, while
-        other writers carry on (inside the turn, ~100 ms under load, it stalled every writer:
+        The bulk of the copy, and its fsync, runs after a group of writes was committed and
+        answered, with the turn given back, while other writers carry on (inside the turn, ~100 ms under load, it stalled every writer:
         POST p99 ~110 ms). Writers append meanwhile, so the WAL could never start over: this
         process's next write, still inside its turn, copies just what they appended, and the
         writer after it can restart the WAL.

@@ -54,12 +54,15 @@ class _Write(Generic[T]):
 class GroupCommit:
     """The waiting writes of one process. `transaction(deadline=...)` opens the one write
     transaction a group runs in; the group's deadline is its first write's: no write waits for
-    its turn longer than `wait_s`, as when each took the turn alone."""
+    its turn longer than `wait_s`, as when each took the turn alone. `after_commit` runs in the
+    leader's thread once the group's threads have their results (a checkpoint, now and then)."""
 
     def __init__(self, transaction: Callable[..., AbstractContextManager[sqlite3.Connection]],
-                 translate: Callable[[sqlite3.Error, str], Exception], wait_s: float) -> None:
+                 translate: Callable[[sqlite3.Error, str], Exception], wait_s: float,
+                 after_commit: Callable[[], None]) -> None:
         self._transaction = transaction
         self._wait_s = wait_s
+        self._after_commit = after_commit
         self._translate = translate
         self._lock = threading.Lock()
         self._waiting: list[_Write] = []
@@ -80,8 +83,9 @@ class GroupCommit:
     def _lead(self) -> None:
         with self._lock:
             group, self._waiting = self._waiting, []
+        committed = False
         try:
-            self._run(group)
+            committed = self._run(group)
         finally:
             with self._lock:
                 if self._waiting:
@@ -92,15 +96,19 @@ class GroupCommit:
             for write in group:
                 write.leads = False
                 write.wake.set()
+        if committed:
+            self._after_commit()
 
-    def _run(self, group: list[_Write]) -> None:
+    def _run(self, group: list[_Write]) -> bool:
+        """Run the group in one transaction; True when it committed."""
         try:
             with self._transaction(deadline=group[0].deadline) as conn:
                 if len(group) == 1:
                     group[0].run(conn)
-                    return
-                for write in group:
-                    self._run_in_savepoint(write, conn)
+                else:
+                    for write in group:
+                        self._run_in_savepoint(write, conn)
+            return True
         except BaseException as exc:
             failed = [write for write in group if write.error is None]
             for write in failed:
@@ -109,6 +117,7 @@ class GroupCommit:
                 log.warning("group of writes rolled back", extra={"writes": len(group), "failed": len(failed)})
             if not isinstance(exc, Exception):
                 raise
+            return False
 
     def _run_in_savepoint(self, write: _Write, conn: sqlite3.Connection) -> None:
         conn.execute("SAVEPOINT write")
