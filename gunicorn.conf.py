@@ -7,6 +7,7 @@ and hands gunicorn the same JSON logging the application uses.
 
 import multiprocessing
 import os
+import signal
 import sys
 
 # gunicorn reads this file before it puts the working directory on sys.path.
@@ -43,12 +44,21 @@ graceful_timeout = 30
 
 
 
-def worker_int(worker):
-    """Ctrl-C (SIGINT) or SIGQUIT asks a worker for a quick shutdown: leave at once, as kill -9
-    would (a 201 is sent only after its commit; an unfinished write is rolled back by the
-    database). Letting Python wind down instead joins the worker's request threads, and one
-    caught mid-exchange held the worker, and so Ctrl-C, for the whole graceful timeout (30 s).
-    SIGTERM still lets requests in hand finish (graceful_timeout)."""
+def post_worker_init(worker):
+    """Ctrl-C (SIGINT) or SIGQUIT makes a worker leave at once, as kill -9 would (a 201 is sent
+    only after its commit; an unfinished write is rolled back by the database).
+
+    gunicorn's own handler first shuts the worker's thread pool down, which takes the pool's
+    lock: when the signal lands while the worker's main thread holds that lock (handing a
+    connection to the pool), the handler waits for it forever and the master kills the worker
+    only after graceful_timeout (30 s; seen in tests/test_readme.py under load). Letting Python
+    wind down instead joins the request threads, and one caught mid-exchange held the worker
+    for the whole graceful timeout too. SIGTERM still lets requests in hand finish."""
+    signal.signal(signal.SIGINT, _leave_now)
+    signal.signal(signal.SIGQUIT, _leave_now)
+
+
+def _leave_now(signum, frame):
     os._exit(0)
 
 

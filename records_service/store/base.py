@@ -27,10 +27,11 @@ T = TypeVar("T")
 # it a write is refused (503, Retry-After) instead of holding a thread that reads need: with
 # another writer holding the database, waiting writes would otherwise take every thread (issue
 # 17). While slots keep being given back (writes are flowing) a write waits up to
-# WRITE_SLOT_WAIT_S for one; once none has been given back for WRITES_STUCK_S, it is refused at once.
-# Slots come back in bursts, a commit's worth at a time (SQLite commits a process's waiting writes
-# together; PostgreSQL's writes to one clinic take turns through their commits): under load on a
-# busy machine 0.25 s passed between two commits with nothing stuck, and a write was refused.
+# WRITE_SLOT_WAIT_S for one; once the slots have all been held, none taken nor given back, for
+# WRITES_STUCK_S, it is refused at once.
+# Slots come back a commit's worth at a time (SQLite commits a process's waiting writes together;
+# PostgreSQL's writes to one clinic take turns through their commits), and on a busy machine one
+# SQLite group took up to ~150 ms with its wait for the turn: WRITES_STUCK_S leaves room for that.
 WRITE_SLOT_WAIT_S = 0.25
 WRITES_STUCK_S = 0.5
 
@@ -121,15 +122,18 @@ def entered_in_error(current: dict) -> dict:
 
 class WriterSlots:
     """At most `writers` threads of this process inside a write at once (None: no bound). While
-    writes flow, a write waits up to `wait_s` for a slot; once none has been given back for
-    `stuck_s`, it is refused (at once, or after waiting that long), so waiting writes never keep
-    the threads reads need."""
+    writes flow, a write waits up to `wait_s` for a slot; once the slots have all been held,
+    none taken nor given back, for `stuck_s`, it is refused (at once, or after waiting that
+    long), so waiting writes never keep the threads reads need."""
 
     def __init__(self, writers: int | None, wait_s: float = WRITE_SLOT_WAIT_S, stuck_s: float = WRITES_STUCK_S) -> None:
         self._slots = threading.BoundedSemaphore(writers) if writers else None
         self._wait_s = wait_s
         self._stuck_s = stuck_s
-        self._slot_given_back = time.monotonic()
+        # When a slot was last taken or given back. Counting from the last one given back alone,
+        # a burst of writes after a quiet spell found the slots "stuck" since before the burst,
+        # and the writes past the slots were refused at once.
+        self._slots_moved = time.monotonic()
 
     def run(self, write: Callable[[], T]) -> T:
         if self._slots is None:
@@ -141,23 +145,24 @@ class WriterSlots:
             return write()
         finally:
             self._slots.release()
-            self._slot_given_back = time.monotonic()
+            self._slots_moved = time.monotonic()
 
     def _take(self) -> bool:
         """A slot: at once; or, if writes are flowing, within `wait_s`, giving up once this write
-        has waited `stuck_s` and no slot was given back for as long."""
+        has waited `stuck_s` and the slots have not moved for as long."""
         if self._slots.acquire(blocking=False):
+            self._slots_moved = time.monotonic()
             return True
         arrived = time.monotonic()
-        if arrived - self._slot_given_back >= self._stuck_s:
+        if arrived - self._slots_moved >= self._stuck_s:
             return False
         deadline = arrived + self._wait_s
         while True:
             if self._slots.acquire(timeout=max(0.0, min(self._stuck_s / 5, deadline - time.monotonic()))):
-                self._slot_given_back = time.monotonic()
+                self._slots_moved = time.monotonic()
                 return True
             now = time.monotonic()
-            if now >= deadline or (now - arrived >= self._stuck_s and now - self._slot_given_back >= self._stuck_s):
+            if now >= deadline or (now - arrived >= self._stuck_s and now - self._slots_moved >= self._stuck_s):
                 return False
 
 
