@@ -335,10 +335,10 @@ class Database:
         """Copy the WAL into the database once enough commits and time have passed, in two steps.
 
         The bulk of the copy, and its fsync, runs after a group of writes was committed and
-        answered, with the turn given back, while other writers carry on (inside the turn, ~100 ms under load, it stalled every writer:
-        POST p99 ~110 ms). Writers append meanwhile, so the WAL could never start over: this
-        process's next write, still inside its turn, copies just what they appended, and the
-        writer after it can restart the WAL.
+        answered, with the turn given back, while other writers carry on (inside the turn, ~100
+        ms under load, it stalled every writer: POST p99 ~110 ms). Writers append meanwhile, so
+        the WAL could never start over: this process's next write, still inside its turn,
+        copies just what they appended, and the writer after it can restart the WAL.
         """
         with self._checkpoint_lock:
             self._commits_since_checkpoint += 1

@@ -4,8 +4,8 @@ SQLite takes one writer at a time, and each transaction pays for the writers' tu
 IMMEDIATE and COMMIT (the WAL frames of every page it touched, and the locks around them).
 When each request's write was its own transaction, the thread holding the turn also waited for
 the GIL after every sqlite3 call while the process's other threads ran, and the turn passed
-from thread to thread once per record: a POST cost ~2 ms of CPU under gunicorn against ~0.5 ms
-alone (bench/bench_core.py, docs/performance.md).
+from thread to thread once per record: a POST cost ~3 ms of CPU under gunicorn against ~0.5 ms
+in one thread (bench/bench_core.py; bench/bench_group_commit.py measures both ways).
 
 Here the first thread to write becomes the leader: it takes every write waiting in the process
 at that moment, runs each in a savepoint of one transaction, commits, and hands each waiting
@@ -114,7 +114,7 @@ class GroupCommit:
             for write in failed:
                 write.error = exc
             if len(group) > 1:
-                log.warning("group of writes rolled back", extra={"writes": len(group), "failed": len(failed)})
+                log.warning("group of writes not committed", extra={"writes": len(group), "failed": len(failed)})
             if not isinstance(exc, Exception):
                 raise
             return False
