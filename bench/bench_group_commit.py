@@ -19,9 +19,8 @@ import argparse
 import logging.config
 import multiprocessing
 import os
-import resource
+import sqlite3
 import statistics
-import struct
 import sys
 import tempfile
 import threading
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 
 import records_gen
-from common import log, log_command, prefill, write_alone  # common puts the repository on sys.path
+from common import log, log_command, prefill, wal_frames_and_commits, write_alone  # common puts the repository on sys.path
 from profile_app import environ, make_requests
 
 
@@ -65,19 +64,7 @@ def worker(db: Path, threads: int, requests: int, grouped: bool, out) -> None:
     out.send((time.process_time() - cpu, time.perf_counter() - wall, len(bad)))
 
 
-def wal_frames_and_commits(wal: Path, page_size: int) -> tuple[int, int]:
-    frames = commits = 0
-    with open(wal, "rb") as f:
-        f.seek(32)
-        while len(header := f.read(24)) == 24:
-            frames += 1
-            commits += struct.unpack(">II", header[:8])[1] != 0
-            f.seek(page_size, os.SEEK_CUR)
-    return frames, commits
-
-
 def one_run(db: Path, args: argparse.Namespace, grouped: bool) -> dict:
-    import sqlite3
     conn = sqlite3.connect(db)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     page_size = conn.execute("PRAGMA page_size").fetchone()[0]

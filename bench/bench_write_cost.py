@@ -28,7 +28,6 @@ import os
 import random
 import sqlite3
 import statistics
-import struct
 import tempfile
 import threading
 from collections import Counter
@@ -37,7 +36,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import log, log_command, wal_page_owners, write_alone  # common puts the repository on sys.path
+from common import log, log_command, wal_frames_and_commits, wal_page_owners, write_alone  # common puts the repository on sys.path
 from records_service.seed import clinic_ids, seed_rows_in_key_order
 from records_service.store.sqlite import SQLiteStore
 import records_service.store.sqlite as sqlite_engine
@@ -147,21 +146,6 @@ def main() -> int:
             f"{statistics.median(times):.2f} ms in-process, {statistics.median(steps):,} SQLite VM steps")
         store.close()
     return 0
-
-
-def wal_frames_and_commits(wal: Path, page_size: int) -> tuple[int, int]:
-    """Frames in a WAL file, and how many of them end a commit (a frame header's second word, the
-    database size after the commit, is non-zero only there)."""
-    frames = commits = 0
-    with open(wal, "rb") as f:
-        f.seek(32)
-        while header := f.read(24):
-            if len(header) < 24:
-                break
-            frames += 1
-            commits += struct.unpack(">II", header[:8])[1] != 0
-            f.seek(page_size, os.SEEK_CUR)
-    return frames, commits
 
 
 def concurrent_frames(store: SQLiteStore, path: Path, page_size: int, threads: int, grouped: bool,

@@ -24,6 +24,7 @@ import signal
 import socket
 import sqlite3
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -656,6 +657,19 @@ def _short(frame: str) -> str:
 
 
 WAL_HEADER, WAL_FRAME_HEADER = 32, 24
+
+
+def wal_frames_and_commits(wal: Path, page_size: int) -> tuple[int, int]:
+    """Frames in a WAL file, and how many of them end a commit (a frame header's second word, the
+    database size after the commit, is non-zero only there)."""
+    frames = commits = 0
+    with open(wal, "rb") as f:
+        f.seek(32)
+        while len(header := f.read(24)) == 24:
+            frames += 1
+            commits += struct.unpack(">II", header[:8])[1] != 0
+            f.seek(page_size, os.SEEK_CUR)
+    return frames, commits
 
 
 def wal_page_owners(conn, path) -> list[str]:
