@@ -25,7 +25,6 @@ from .migrations import SCHEMA_VERSION, current_version, migrate
 log = logging.getLogger("records_service.store")
 
 
-
 class _NothingStored(Exception):
     """An atomic batch met a test_id stored meanwhile by another writer: roll back what went in."""
 

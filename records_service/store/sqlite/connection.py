@@ -95,7 +95,7 @@ class Database:
         self._checkpoint_to_finish = False  # see _checkpoint_now_and_then
         self._migrated = False
         self._group = GroupCommit(self.transaction, translate, busy_timeout_ms / 1000,
-                                  after_commit=lambda: self._checkpoint_now_and_then(self.connection()))
+                                  after_commit=lambda: self._checkpoint_now_and_then(self._local.conn))
 
     # -- connections -----------------------------------------------------------------------
 

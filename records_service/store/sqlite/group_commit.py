@@ -94,7 +94,6 @@ class GroupCommit:
                 else:
                     self._led = False
             for write in group:
-                write.leads = False
                 write.wake.set()
         if committed:
             self._after_commit()
