@@ -81,6 +81,44 @@ def test_records_not_yet_folded_are_counted_from_their_tail_and_folding_changes_
     store.close()
 
 
+def test_a_fold_of_some_clinics_counts_each_of_their_records_once_and_leaves_the_others_in_their_tails(tmp_path):
+    store = Store(str(tmp_path / "r.db"))
+    for n, clinic in enumerate(("C001", "C001", "C002", "C003")):
+        store.insert(make(f"t{n}", clinic, status=("final", "preliminary")[n % 2]), request_id="r",
+                     now=f"2025-06-01T1{n}:00:00.000Z")
+    conn = sqlite3.connect(tmp_path / "r.db", isolation_level=None)
+    assert counters_module.fold(conn, {"C001", "C002"}) == 3
+    assert counters_module.fold(conn, {"C001", "C002"}) == 0
+    assert folded(tmp_path / "r.db") == ({("C001", "CBC", "final"): 1, ("C001", "CBC", "preliminary"): 1,
+                                          ("C002", "CBC", "final"): 1},
+                                         {"2025-06-01T10": 1, "2025-06-01T11": 1, "2025-06-01T12": 1})
+    marks = dict(conn.execute("SELECT clinic_id, counted_seq FROM clinic_marks"))
+    seqs = dict(conn.execute("SELECT clinic_id, max(seq) FROM records GROUP BY 1"))
+    assert marks == {"C001": seqs["C001"], "C002": seqs["C002"], "C003": 0}
+    assert store.check()["counter_mismatches"] == {name: 0 for name in counters_module.COUNTER_CHECKS}
+    assert counters_module.fold(conn) == 1  # every clinic: C003 is left
+    assert store.check()["counter_mismatches"] == {name: 0 for name in counters_module.COUNTER_CHECKS}
+    conn.close()
+    store.close()
+
+
+@pytest.mark.parametrize("statistics", [False, True], ids=["fresh", "analyzed"])
+def test_a_fold_reads_records_only_by_searching_the_tails_of_its_clinics(tmp_path, statistics):
+    store = Store(str(tmp_path / "r.db"))
+    for n in range(200):
+        store.insert(make(f"t{n}", f"C{n % 3:03d}" if n < 190 else "C009"), request_id="r", now="2025-06-01T10:00:00.000Z")
+    store.migrate()
+    conn = sqlite3.connect(tmp_path / "r.db", isolation_level=None)
+    if statistics:
+        conn.execute("ANALYZE")
+    for statement in counters_module.FOLD_STATEMENTS:
+        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement, ('["C001"]',))]
+        reads = [step for step in plan if " records" in step or " r " in step or step.endswith(" r")]
+        assert reads and all(step.startswith("SEARCH") and "PRIMARY KEY (clinic_id=?" in step for step in reads), plan
+    conn.close()
+    store.close()
+
+
 @pytest.mark.parametrize("fold_first", [True, False], ids=["counted", "in the tail"])
 def test_a_correction_moves_its_record_between_groups_and_keeps_first_and_last_exact(tmp_path, fold_first):
     store = Store(str(tmp_path / "r.db"))

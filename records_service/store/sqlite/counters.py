@@ -16,6 +16,7 @@ record count twice or not at all.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections import Counter
 from itertools import count
@@ -28,18 +29,37 @@ from .connection import Database
 _HOUR = "substr(json_extract(doc, '$.created_at'), 1, 13)"
 _MARK = "coalesce((SELECT counted_seq FROM clinic_marks WHERE clinic_id = ?1), 0)"
 
-_FOLD_STATEMENTS = (
-    "INSERT INTO clinic_counts (clinic_id, test_type, status, records)"
-    " SELECT clinic_id, test_type, status, count(*) FROM records WHERE clinic_id = ?1 AND seq > ?2 AND seq <= ?3"
-    " GROUP BY test_type, status"
-    " ON CONFLICT (clinic_id, test_type, status) DO UPDATE SET records = records + excluded.records",
-    "INSERT INTO clinic_times (clinic_id, collected_at, seq)"
-    " SELECT clinic_id, collected_at, seq FROM records WHERE clinic_id = ?1 AND seq > ?2 AND seq <= ?3",
-    f"INSERT INTO hourly_ingest (hour, total) SELECT {_HOUR}, count(*) FROM records"
-    " WHERE clinic_id = ?1 AND seq > ?2 AND seq <= ?3 GROUP BY 1"
-    " ON CONFLICT (hour) DO UPDATE SET total = total + excluded.total",
-    "UPDATE clinic_marks SET counted_seq = ?3 WHERE clinic_id = ?1",
+# A fold in four statements, whatever the number of clinics: each reads the marks of the clinics
+# in json array ?1, which the last one moves. Clinic by clinic it took six statements each
+# (~600 clinics a second a process under POSTs), all inside the writers' turn.
+_MARKS_TO_FOLD = (
+    "WITH marks AS MATERIALIZED (SELECT m.clinic_id, m.counted_seq FROM json_each(?1) AS j"
+    " JOIN clinic_marks AS m ON m.clinic_id = j.value)"
 )
+_TAIL_ROWS = "marks AS m JOIN records AS r ON r.clinic_id = m.clinic_id AND r.seq > m.counted_seq"
+_FOLD_COUNTS = (
+    f"{_MARKS_TO_FOLD} INSERT INTO clinic_counts (clinic_id, test_type, status, records)"
+    f" SELECT r.clinic_id, r.test_type, r.status, count(*) FROM {_TAIL_ROWS} GROUP BY 1, 2, 3"
+    " ON CONFLICT (clinic_id, test_type, status) DO UPDATE SET records = records + excluded.records"
+)
+_FOLD_HOURS = (
+    f"{_MARKS_TO_FOLD} INSERT INTO hourly_ingest (hour, total)"
+    f" SELECT substr(json_extract(r.doc, '$.created_at'), 1, 13), count(*) FROM {_TAIL_ROWS} GROUP BY 1"
+    " ON CONFLICT (hour) DO UPDATE SET total = total + excluded.total"
+)
+_FOLD_TIMES = (  # one row for each record counted
+    f"{_MARKS_TO_FOLD} INSERT INTO clinic_times (clinic_id, collected_at, seq)"
+    f" SELECT r.clinic_id, r.collected_at, r.seq FROM {_TAIL_ROWS}"
+)
+_FOLD_MOVE_MARKS = (
+    f"{_MARKS_TO_FOLD} UPDATE clinic_marks SET counted_seq = (SELECT max(seq) FROM records"
+    " WHERE records.clinic_id = clinic_marks.clinic_id)"
+    " WHERE clinic_id IN (SELECT clinic_id FROM marks) AND EXISTS (SELECT 1 FROM records"
+    " WHERE records.clinic_id = clinic_marks.clinic_id AND records.seq > clinic_marks.counted_seq)"
+)
+
+
+FOLD_STATEMENTS = (_FOLD_COUNTS, _FOLD_HOURS, _FOLD_TIMES, _FOLD_MOVE_MARKS)
 
 
 def new_clinic(conn: sqlite3.Connection, clinic_id: str) -> None:
@@ -51,19 +71,14 @@ def fold(conn: sqlite3.Connection, clinics: Iterable[str] | None = None) -> int:
     """Count the tails of `clinics` (every clinic when None) into the counters, inside the
     caller's transaction; returns how many records it counted."""
     if clinics is None:
-        marks = conn.execute("SELECT clinic_id, counted_seq FROM clinic_marks").fetchall()
-    else:
-        marks = [row for clinic in sorted(clinics) for row in conn.execute(
-            "SELECT clinic_id, counted_seq FROM clinic_marks WHERE clinic_id = ?", (clinic,))]
-    counted = 0
-    for clinic_id, mark in marks:
-        last, tail = conn.execute("SELECT max(seq), count(*) FROM records WHERE clinic_id = ? AND seq > ?",
-                                  (clinic_id, mark)).fetchone()
-        if not tail:
-            continue
-        for statement in _FOLD_STATEMENTS:
-            conn.execute(statement, (clinic_id, mark, last))
-        counted += tail
+        clinics = [clinic_id for clinic_id, in conn.execute("SELECT clinic_id FROM clinic_marks")]
+    params = (json.dumps(sorted(clinics)),)
+    conn.execute(_FOLD_COUNTS, params)
+    conn.execute(_FOLD_HOURS, params)
+    before = conn.total_changes  # a statement led by WITH has no rowcount in sqlite3
+    conn.execute(_FOLD_TIMES, params)
+    counted = conn.total_changes - before
+    conn.execute(_FOLD_MOVE_MARKS, params)
     return counted
 
 
