@@ -14,7 +14,7 @@ from .body_deadline import BodyTimeout
 from .collection import Batch, Export, Stats
 from .config import Settings, load_settings
 from .lifecycle import Audit, History, Record
-from .logs import skip_caller_lookup
+from .logs import skip_unlogged_lookups
 from .middleware import Authenticate, RequestContext
 from .operations import Dashboard, FailureRecorder, OpenAPIDocument, Ready
 from .resources import Health, TestsCollection
@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
     `writers` bounds how many of this process's threads may wait to write (gunicorn.conf.py)."""
     settings = settings or load_settings(os.environ)
     shared = shared or runtime.current()
-    skip_caller_lookup()
+    skip_unlogged_lookups()
     store = open_store(settings, writers=writers)
     try:
         store.open()
