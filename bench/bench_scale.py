@@ -287,7 +287,7 @@ def verdict(ok: bool) -> str:
 
 def report(results: dict, args) -> str:
     out = ["", f"== records at scale: ours vs bare Falcon, {args.records:,} records over {args.clinics} clinics,"
-               f" gunicorn sync x {args.workers}, medians of {args.rounds} rounds x {args.duration}s ==",
+               f" gunicorn gthread x {args.workers}, medians of {args.rounds} rounds x {args.duration}s ==",
            f"{'scenario':24}{'body B':>8}{'bare req/s':>12}{'ours req/s':>12}{'ratio':>7}{'ours p50':>10}"
            f"{'ours p99':>10}{'bare p99':>10}  targets"]
     for name in [f"page {f}" for f in PAGE_FILTERS] + ["stats"]:

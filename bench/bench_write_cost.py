@@ -109,7 +109,7 @@ def main() -> int:
         log(f"WAL frames per insert, amortised with the counters' folds over {args.warm:,} inserts: {total / args.warm:.2f}"
             " (appended frames; a WAL restart after a checkpoint rewrites from the start and is not counted)")
 
-        sqlite_engine.FOLD_EVERY_S = float("inf")  # each insert alone: folds are measured below
+        sqlite_engine.FOLD_EVERY_S = sqlite_engine.FOLD_EVERY_RECORDS = float("inf")  # each insert alone: folds are measured above
         frames, by_object = [], Counter()
         for n in range(200):
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
