@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from contextvars import ContextVar
+from functools import lru_cache
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 # The public id of the API key a request authenticated with, set by middleware.Authenticate.
@@ -19,13 +20,21 @@ key_id_var: ContextVar[str | None] = ContextVar("key_id", default=None)
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
+# Built once: json.dumps with options builds a new encoder for every line.
+_encode = json.JSONEncoder(default=str, ensure_ascii=False).encode
+
+
+@lru_cache(maxsize=4)
+def _utc_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, message, request_id, key_id, then any extras."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": f"{_utc_second(int(record.created))}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -41,7 +50,7 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return _encode(entry)
 
 
 def skip_unlogged_lookups() -> None:
