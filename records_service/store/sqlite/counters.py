@@ -31,9 +31,9 @@ _MARK = "coalesce((SELECT counted_seq FROM clinic_marks WHERE clinic_id = ?1), 0
 
 # A fold in four statements, whatever the number of clinics: each reads the marks of the clinics
 # in json array ?1, which the last one moves. Clinic by clinic it took six statements each
-# (~600 clinics a second a process under POSTs), all inside the writers' turn.
+# (hundreds of clinics a second a process under POSTs), all inside the writers' turn.
 _MARKS_TO_FOLD = (
-    "WITH marks AS MATERIALIZED (SELECT m.clinic_id, m.counted_seq FROM json_each(?1) AS j"
+    "WITH marks AS (SELECT m.clinic_id, m.counted_seq FROM json_each(?1) AS j"
     " JOIN clinic_marks AS m ON m.clinic_id = j.value)"
 )
 _TAIL_ROWS = "marks AS m JOIN records AS r ON r.clinic_id = m.clinic_id AND r.seq > m.counted_seq"
