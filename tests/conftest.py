@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+import logging
 import os
 from datetime import datetime, timezone
 
@@ -8,6 +10,7 @@ import pytest
 
 from records_service.app import create_app
 from records_service.config import Settings
+from records_service.logs import JsonFormatter
 from tests.live import ExistingPostgres, Nginx, PostgresCluster, RawDatabase, Server
 
 
@@ -125,3 +128,23 @@ def start_nginx(tmp_path):
     yield start
     for proxy in proxies:
         proxy.stop()
+
+
+@pytest.fixture
+def log_lines() -> list[dict]:
+    """Every log line, as the JSON the service writes, formatted while its request is served."""
+    lines: list[dict] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(self.format(record)))
+
+    handler = Collect()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield lines
+    root.removeHandler(handler)
+    root.setLevel(level)

@@ -13,12 +13,11 @@ import falcon.inspect
 import falcon.testing
 import pytest
 
-from records_service.access import PUBLIC, ROUTE_ROLES
+from records_service.access import ROUTE_ROLES
 from records_service.app import create_app
 from records_service.config import Settings
 from records_service.errors import install as install_error_handlers
 from records_service.keys import KeyRejected, create_key, parse_token
-from records_service.logs import JsonFormatter
 from records_service.middleware import Authenticate, RequestContext, presented_key
 from records_service.store.sqlite import SQLiteStore as Store
 from tests.access_cases import (
@@ -65,26 +64,6 @@ def sender(app, db_path) -> AppSender:
 @pytest.fixture
 def keys(app, db_path):
     return make_keys(db_path)
-
-
-@pytest.fixture
-def log_lines() -> list[dict]:
-    """Every log line, as the JSON the service writes, formatted while its request is served."""
-    lines: list[dict] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(json.loads(self.format(record)))
-
-    handler = Collect()
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    yield lines
-    root.removeHandler(handler)
-    root.setLevel(level)
 
 
 # -- the table -------------------------------------------------------------------------------

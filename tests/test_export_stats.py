@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import random
 import sqlite3
 from datetime import datetime, timezone
@@ -16,7 +14,6 @@ from records_service.app import create_app
 from records_service.store.sqlite import SQLiteStore as Store
 from records_service.store import open_store
 from records_service.validate import client_fields, timestamp_from_sort_key
-from records_service.logs import JsonFormatter
 from records_service.seed import seed_rows
 from tests.live import damage_pages_holding
 from tests.test_api import assert_problem
@@ -73,21 +70,10 @@ def test_export_rejects_what_it_does_not_take(client, query, name):
 
 
 @pytest.mark.both_engines
-def test_export_logs_its_own_completion_under_the_request_id(varied):
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("records_service")
-    logger.addHandler(handler)
-    logger.setLevel("INFO")
-    try:
-        resp = varied.simulate_get("/tests/_export", params={"clinic_id": "C1"}, headers={"X-Request-ID": "exp-1"})
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel("NOTSET")
+def test_export_logs_its_own_completion_under_the_request_id(varied, log_lines):
+    resp = varied.simulate_get("/tests/_export", params={"clinic_id": "C1"}, headers={"X-Request-ID": "exp-1"})
     assert resp.status_code == 200
-    logged = [json.loads(line) for line in out.getvalue().splitlines()]
-    done = [line for line in logged if line["message"] == "export completed"]
+    done = [line for line in log_lines if line["message"] == "export completed"]
     assert len(done) == 1
     assert done[0]["request_id"] == "exp-1" and done[0]["count"] == 8 and done[0]["duration_ms"] >= 0
 
