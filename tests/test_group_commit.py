@@ -117,3 +117,25 @@ def test_each_write_runs_with_its_own_requests_context(db):
         leader.result(10)
     assert [request_id for request_id, _ in seen] == [f"req-{i}" for i in range(10)]
     assert len({thread for _, thread in seen}) == 1, "not one group: the test proves nothing"
+
+
+def test_a_failed_group_says_so_under_each_of_its_requests_ids(db, log_lines):
+    def request(request_id: str, work):
+        request_id_var.set(request_id)
+        return db.write(work)
+
+    def transaction_lost(conn: sqlite3.Connection) -> None:
+        conn.execute("ROLLBACK")
+        raise sqlite3.OperationalError("disk I/O error")
+
+    works = {"req-a": add("a"), "req-lost": transaction_lost, "req-b": add("b")}
+    with ThreadPoolExecutor(6) as pool:
+        leader, queued = calls_while_one_is_held(
+            db, [lambda rid=rid, work=work: request(rid, work) for rid, work in works.items()], pool)
+        leader.result(10)
+        for future in queued:
+            with pytest.raises(StoreUnavailable):
+                future.result(10)
+    failed = [line for line in log_lines if line["message"] == "group of writes not committed"]
+    assert sorted(line.get("request_id") for line in failed) == sorted(works)
+    assert all((line["writes"], line["failed"]) == (3, 3) for line in failed)

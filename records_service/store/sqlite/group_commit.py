@@ -112,8 +112,10 @@ class GroupCommit:
             failed = [write for write in group if write.error is None]
             for write in failed:
                 write.error = exc
-            if len(group) > 1:
-                log.warning("group of writes not committed", extra={"writes": len(group), "failed": len(failed)})
+            if len(group) > 1:  # a line under each request's ID: every one of them can be followed
+                for write in group:
+                    write.context.run(log.warning, "group of writes not committed",
+                                      extra={"writes": len(group), "failed": len(failed)})
             if not isinstance(exc, Exception):
                 raise
             return False
