@@ -26,7 +26,7 @@ from typing import Iterable
 from ..base import clinic_stats_of
 from .connection import Database
 
-_HOUR = "substr(json_extract(doc, '$.created_at'), 1, 13)"
+_HOUR = "substr(json_extract(r.doc, '$.created_at'), 1, 13)"  # of records AS r
 _MARK = "coalesce((SELECT counted_seq FROM clinic_marks WHERE clinic_id = ?1), 0)"
 
 # A fold in four statements, whatever the number of clinics: each reads the marks of the clinics
@@ -44,7 +44,7 @@ _FOLD_COUNTS = (
 )
 _FOLD_HOURS = (
     f"{_MARKS_TO_FOLD} INSERT INTO hourly_ingest (hour, total)"
-    f" SELECT substr(json_extract(r.doc, '$.created_at'), 1, 13), count(*) FROM {_TAIL_ROWS} GROUP BY 1"
+    f" SELECT {_HOUR}, count(*) FROM {_TAIL_ROWS} GROUP BY 1"
     " ON CONFLICT (hour) DO UPDATE SET total = total + excluded.total"
 )
 _FOLD_TIMES = (  # one row for each record counted
@@ -164,7 +164,7 @@ _CLINIC_TOTALS_SQL = (
 )
 _HOURS_SQL = (
     "SELECT hour, sum(n) FROM (SELECT hour, total AS n FROM hourly_ingest WHERE hour >= ?1"
-    f" UNION ALL SELECT substr(json_extract(r.doc, '$.created_at'), 1, 13) AS hour, count(*) FROM {_TAILS}"
+    f" UNION ALL SELECT {_HOUR} AS hour, count(*) FROM {_TAILS}"
     " GROUP BY 1 HAVING hour >= ?1) GROUP BY hour"
 )
 
@@ -194,9 +194,9 @@ COUNTER_CHECKS = {
     "clinic_times": ("SELECT r.clinic_id, r.collected_at, r.seq FROM clinic_marks AS m JOIN records AS r"
                      " ON r.clinic_id = m.clinic_id AND r.seq <= m.counted_seq",
                      "SELECT clinic_id, collected_at, seq FROM clinic_times"),
-    "hourly_ingest": (f"SELECT {_HOUR}, count(*) FROM records GROUP BY 1",
+    "hourly_ingest": (f"SELECT {_HOUR}, count(*) FROM records AS r GROUP BY 1",
                       "SELECT hour, sum(n) FROM (SELECT hour, total AS n FROM hourly_ingest UNION ALL"
-                      f" SELECT substr(json_extract(r.doc, '$.created_at'), 1, 13), count(*) FROM {_TAILS}"
+                      f" SELECT {_HOUR}, count(*) FROM {_TAILS}"
                       " GROUP BY 1) GROUP BY hour"),
     "clinic_marks": ("SELECT DISTINCT clinic_id FROM records", "SELECT clinic_id FROM clinic_marks"),
 }
