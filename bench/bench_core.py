@@ -49,9 +49,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import records_gen
-from common import (BENCH_DIR, BenchError, Run, Server, add_with_sql_argument, clean_env, free_port, gunicorn_argv,
-                    load_arguments, log, measure, noisy_warning, pair_ratios, parse_load_arguments, prefill,
-                    profile_summary, py_spy, py_spy_done, run_benchmark, server_settings, summarise, with_sql, wrk_once)
+from common import (BENCH_DIR, BenchError, Run, Server, add_page_size_argument, add_with_sql_argument, clean_env,
+                    free_port, gunicorn_argv, load_arguments, log, measure, noisy_warning, pair_ratios,
+                    parse_load_arguments, prefill, profile_summary, py_spy, py_spy_done, run_benchmark, server_settings, summarise, with_sql, wrk_once)
 
 TARGETS = {"POST": 0.60, "GET": 0.50}
 AUTH_TARGET = 0.90  # ours-auth keeps at least 90% of ours' requests/s
@@ -246,6 +246,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="run this app as ours instead of gunicorn.conf.py's wsgi_app (to try a change to the "
                         "service without editing it; MODULE is looked up in bench/ and the repository)")
     add_with_sql_argument(p)
+    add_page_size_argument(p)
     p.add_argument("--json", default=None, help="write raw runs here (default bench/results/core-<time>.json)")
     p.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
     args = parse_load_arguments(p, argv)
@@ -269,7 +270,7 @@ def run(args: argparse.Namespace, wrk: str, tmp: Path, servers: list[Server]) ->
 
     total = args.clinics * args.per_clinic
     log(f"pre-filling {total:,} records over {args.clinics:,} clinics via Store.insert ...")
-    log(f"  done in {prefill(db_path, args.clinics, args.per_clinic):.1f}s")
+    log(f"  done in {prefill(db_path, args.clinics, args.per_clinic, args.page_size):.1f}s")
     if args.with_sql:
         with_sql(db_path, args.with_sql)
 

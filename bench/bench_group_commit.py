@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import records_gen
-from common import log, log_command, prefill, wal_frames_and_commits, write_alone  # common puts the repository on sys.path
+from common import add_page_size_argument, log, log_command, prefill, wal_frames_and_commits, write_alone  # common puts the repository on sys.path
 from profile_app import environ, make_requests
 
 
@@ -96,12 +96,13 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=400, help="POSTs per thread")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--per-clinic", type=int, default=20)
+    add_page_size_argument(p)
     args = p.parse_args()
     log_command()
     with tempfile.TemporaryDirectory(prefix="records-group-commit-") as tmp:
         db = Path(tmp) / "records.db"
         log(f"pre-filled {records_gen.CLINICS * args.per_clinic:,} records in "
-            f"{prefill(db, records_gen.CLINICS, args.per_clinic):.1f} s")
+            f"{prefill(db, records_gen.CLINICS, args.per_clinic, args.page_size):.1f} s")
         runs: dict[str, list[dict]] = {"grouped": [], "alone": []}
         for n in range(args.rounds):
             for mode in (("grouped", "alone") if n % 2 == 0 else ("alone", "grouped")):

@@ -3,7 +3,7 @@ insert rates and migration time (issue 14, items 2, 3 and 7).
 
     .venv/bin/python bench/bench_layouts.py [--records 1000000] [--clinics 500] [--layouts A,B,C,D]
                                             [--frames-at 100000] [--inserts 20] [--queries 2000]
-                                            [--chunk 1000] [--tmpdir DIR]
+                                            [--chunk 1000] [--tmpdir DIR] [--page-size BYTES]
 
 Layouts (each a script that turns schema 7's `records` into it, so the same script builds it on
 a fresh database and migrates a loaded one):
@@ -199,9 +199,13 @@ def count_as_schema_7(conn: sqlite3.Connection, rows: list[tuple]) -> None:
 
 # -- databases -----------------------------------------------------------------------------------
 
-def open_database(path: Path, cache_kib: int | None = None, mmap_bytes: int = 0) -> sqlite3.Connection:
-    """A connection as the service opens one (WAL, synchronous=NORMAL), with a page cache and mmap if given."""
+def open_database(path: Path, cache_kib: int | None = None, mmap_bytes: int = 0,
+                  page_size: int | None = None) -> sqlite3.Connection:
+    """A connection as the service opens one (WAL, synchronous=NORMAL), with a page cache and mmap if
+    given; a new file gets `page_size` (None: SQLite's default)."""
     conn = sqlite3.connect(path, isolation_level=None)
+    if page_size:
+        conn.execute(f"PRAGMA page_size = {int(page_size)}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
     if cache_kib:
@@ -213,9 +217,9 @@ def open_database(path: Path, cache_kib: int | None = None, mmap_bytes: int = 0)
     return conn
 
 
-def build(path: Path, layout: Layout) -> sqlite3.Connection:
+def build(path: Path, layout: Layout, page_size: int | None) -> sqlite3.Connection:
     remove_database(path)
-    conn = open_database(path, LOAD_CACHE_KIB)
+    conn = open_database(path, LOAD_CACHE_KIB, page_size=page_size)
     migrate(conn, upto=7)
     conn.executescript(f"BEGIN IMMEDIATE; {layout.from_today} COMMIT;")
     return conn
@@ -277,9 +281,9 @@ class Figures:
 
 
 def load(path: Path, layout: Layout, chunks: list[list[tuple]], posts: list[tuple], frames_at: int,
-         seqs: Iterator[int], figures: Figures) -> None:
+         seqs: Iterator[int], figures: Figures, page_size: int | None) -> None:
     """Load `chunks`; when `frames_at` rows are in, measure single inserts' WAL frames (untimed)."""
-    conn = build(path, layout)
+    conn = build(path, layout, page_size)
     try:
         loaded, elapsed, total = 0, 0.0, sum(map(len, chunks))
         half = len(posts) // 2
@@ -307,8 +311,9 @@ def load(path: Path, layout: Layout, chunks: list[list[tuple]], posts: list[tupl
         conn.close()
 
 
-def insert_rate(path: Path, layout: Layout, chunks: list[list[tuple]], seqs: Iterator[int]) -> float:
-    conn = build(path, layout)
+def insert_rate(path: Path, layout: Layout, chunks: list[list[tuple]], seqs: Iterator[int],
+                page_size: int | None) -> float:
+    conn = build(path, layout, page_size)
     try:
         started = time.perf_counter()
         for chunk in chunks:
@@ -457,6 +462,7 @@ def main() -> int:
     p.add_argument("--queries", type=int, default=2000, help="page queries per filter and mmap setting")
     p.add_argument("--chunk", type=int, default=1000, help="rows per transaction while loading")
     p.add_argument("--tmpdir", default=None, help="where the scratch databases go")
+    p.add_argument("--page-size", type=int, default=None, help="page size of every database made (default: SQLite's, 4096)")
     p.add_argument("--frames-clinic", default=None, metavar="CLINIC",
                    help="every single insert into this clinic (e.g. C0001, the largest): a clinic's steady state, "
                         "rather than the first insert into each of many clinics after the load")
@@ -485,7 +491,7 @@ def main() -> int:
             path = Path(tmp) / f"{name}.db"
             log(f"{name}: {layout.summary}: loading ({utc_millis(datetime.now(timezone.utc))}, "
                 f"load average {os.getloadavg()[0]:.2f})")
-            load(path, layout, interleaved, posts, args.frames_at, seqs, f)
+            load(path, layout, interleaved, posts, args.frames_at, seqs, f, args.page_size)
             log(f"{name}: {f.rate_interleaved:,.0f} rows/s, {f.file_bytes / f.records:,.0f} bytes/record; reading pages")
             read_pages(path, queries, f)
             if name == "A":
@@ -493,11 +499,11 @@ def main() -> int:
             else:
                 remove_database(path)
             log(f"{name}: loading by clinic")
-            f.rate_by_clinic = insert_rate(Path(tmp) / f"{name}-by-clinic.db", layout, by_clinic, seqs)
+            f.rate_by_clinic = insert_rate(Path(tmp) / f"{name}-by-clinic.db", layout, by_clinic, seqs, args.page_size)
         if not args.no_migration:
             if not today.exists():
                 log("A: loading, to migrate from")
-                load(today, LAYOUTS["A"], interleaved, posts, args.frames_at, seqs, Figures())
+                load(today, LAYOUTS["A"], interleaved, posts, args.frames_at, seqs, Figures(), args.page_size)
             for name in names:
                 if name != "A":
                     log(f"{name}: migrating from a loaded A")

@@ -45,9 +45,9 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from common import (BENCH_DIR, ROOT, BenchError, Run, Server, add_with_sql_argument, clean_env, finish, free_port,
-                    gunicorn_argv, load_arguments, log, measure, parse_load_arguments, profile_summary, py_spy,
-                    py_spy_done, run_benchmark, server_settings, summarise, with_sql, wrk_once)
+from common import (BENCH_DIR, ROOT, BenchError, Run, Server, add_page_size_argument, add_with_sql_argument,
+                    clean_env, finish, free_port, gunicorn_argv, load_arguments, log, make_database, measure,
+                    parse_load_arguments, profile_summary, py_spy, py_spy_done, run_benchmark, server_settings, summarise, with_sql, wrk_once)
 from records_service import seed  # common put the repository on sys.path
 from records_service.store.sqlite import records as store
 
@@ -71,13 +71,19 @@ def db_count(path: Path) -> int | None:
         conn.close()
 
 
-def ensure_database(path: Path, records: int, clinics: int) -> None:
+def ensure_database(path: Path, records: int, clinics: int, page_size: int | None) -> None:
     count = db_count(path)
     if count == records:
-        log(f"database: {path} ({records:,} records, reused)")
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        has_page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.close()
+        if page_size not in (None, has_page_size):
+            raise BenchError(f"{path} has {has_page_size}-byte pages, not {page_size}: pass another --db")
+        log(f"database: {path} ({records:,} records, {has_page_size}-byte pages, reused)")
         return
     if count is not None:
         raise BenchError(f"{path} holds {count:,} records, not {records:,}: remove it or pass another --db")
+    make_database(path, page_size)
     cmd = [sys.executable, "-m", "records_service", "seed", "--records", str(records), "--clinics", str(clinics),
            "--random-seed", "1"]
     log(f"database: building {path} with: RECORDS_DB_PATH={path} {shlex.join(cmd)}")
@@ -345,6 +351,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--scenarios", default="pages,stats,export,batch")
     p.add_argument("--profile", action="store_true", help="profile ours under py-spy during one more batch run")
     add_with_sql_argument(p)
+    add_page_size_argument(p)
     args = parse_load_arguments(p, argv)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if set(args.scenarios) - {"pages", "stats", "export", "batch"}:
@@ -358,7 +365,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run(args: argparse.Namespace, wrk: str, tmp: Path, servers: list[Server]) -> int:
     """Steps 1 to 7 of the docstring, in `tmp`; every server it starts goes into `servers`."""
     source = Path(args.db)
-    ensure_database(source, args.records, args.clinics)
+    ensure_database(source, args.records, args.clinics, args.page_size)
     db = tmp / "records.db"
     shutil.copyfile(source, db)
     if args.with_sql:

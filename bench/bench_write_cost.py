@@ -1,6 +1,7 @@
 """What one write costs the service's own SQLite store, in figures noise cannot move (issue 14, items 3-4).
 
-    .venv/bin/python bench/bench_write_cost.py [--records 1000000] [--clinics 500] [--tmpdir DIR]
+    .venv/bin/python bench/bench_write_cost.py [--records 1000000] [--clinics 500] [--warm 1000] [--page-size BYTES]
+                                                [--tmpdir DIR]
 
 Seeds --records records over --clinics clinics through `SQLiteStore.bulk_insert` in key order (what
 `seed` runs), then prints:
@@ -17,6 +18,7 @@ Seeds --records records over --clinics clinics through `SQLiteStore.bulk_insert`
 - WAL frames and commits per record when --threads threads (16, a worker's) each insert records
   at once (group commit: each commit carries the writes that waited for it), beside the same
   with each write committed alone (`common.write_alone`, as before group commit);
+- WAL bytes and frames of one 1,000-record batch, for random clinics and for one clinic;
 - the in-process time of correcting the record holding the largest clinic's earliest
   collected_at (median of 20), and its SQLite VM steps.
 """
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sqlite3
 import statistics
 import tempfile
 import threading
@@ -36,7 +37,8 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import log, log_command, wal_frames_and_commits, wal_page_owners, write_alone  # common puts the repository on sys.path
+from common import (add_page_size_argument, log, log_command, make_database,  # common puts the repository on sys.path
+                    wal_frames_and_commits, wal_page_owners, write_alone)
 from records_service.seed import clinic_ids, seed_rows_in_key_order
 from records_service.store.sqlite import SQLiteStore
 import records_service.store.sqlite as sqlite_engine
@@ -59,16 +61,12 @@ def main() -> int:
                    help="single inserts (amortised figure) before the 200 measured alone: a seeded database's"
                         " indexes are packed full, and each leaf splits the first time an insert reaches it")
     p.add_argument("--threads", type=int, default=16, help="threads inserting at once (concurrent figure)")
-    p.add_argument("--page-size", type=int, default=None, help="make the database with this page size first")
+    add_page_size_argument(p)
     args = p.parse_args()
     log_command()
     with tempfile.TemporaryDirectory(prefix="records-write-cost-", dir=args.tmpdir) as tmp:
         path = Path(tmp) / "records.db"
-        if args.page_size:
-            first = sqlite3.connect(path)
-            first.execute(f"PRAGMA page_size = {args.page_size}")
-            first.execute("PRAGMA journal_mode = WAL")  # writes the header: the page size is now the file's
-            first.close()
+        make_database(path, args.page_size)
         store = SQLiteStore(str(path))
         started = time.perf_counter()
         for _ in store.bulk_insert(seed_rows_in_key_order(args.records, args.clinics, datetime.now(timezone.utc),
@@ -125,6 +123,8 @@ def main() -> int:
 
         for grouped in (True, False):
             concurrent_frames(store, path, page_size, args.threads, grouped, clinics)
+        for mixed in (True, False):
+            batch_wal_bytes(store, path, page_size, clinics, mixed, rng)
 
         biggest = clinics[0]
         times, steps = [], []
@@ -179,6 +179,26 @@ def concurrent_frames(store: SQLiteStore, path: Path, page_size: int, threads: i
     log(f"{threads} threads inserting at once, {'grouped' if grouped else 'each write committed alone'}: "
         f"{records:,} records in {commits:,} commits ({records / commits:.1f} a commit), "
         f"{frames / records:.2f} WAL frames a record")
+
+
+def batch_wal_bytes(store: SQLiteStore, path: Path, page_size: int, clinics: list[str], mixed: bool,
+                    rng: random.Random) -> None:
+    """WAL bytes and frames of one 1,000-record `_batch` (`insert_batch`, folds off), each after a
+    TRUNCATE checkpoint, for random clinics per record (a lab serving many clinics) or one clinic:
+    what a larger page costs a write that touches many leaves."""
+    conn = store._db.connection()
+    sizes = []
+    for n in range(12):
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        one = rng.choice(clinics)
+        batch = [record(str(uuid.UUID(int=rng.getrandbits(128), version=4)), rng.choice(clinics) if mixed else one,
+                        patient=f"P{rng.randrange(1, 100_000):06d}") for _ in range(1000)]
+        store.insert_batch(batch, request_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                           now="2025-06-01T00:00:00.000Z", atomic=False)
+        sizes.append(os.path.getsize(f"{path}-wal"))
+    size = statistics.median(sizes)
+    log(f"a batch of 1,000 records for {'random clinics' if mixed else 'one clinic'}: {size / 1e6:.2f} MB of WAL, "
+        f"{(size - 32) // (page_size + 24):,.0f} frames (median of 12)")
 
 
 if __name__ == "__main__":

@@ -184,12 +184,34 @@ def cpu_use(before: CpuSnapshot, after: CpuSnapshot) -> dict:
 
 # -- pre-fill ----------------------------------------------------------------------------------
 
-def prefill(db_path: Path, clinics: int, per_clinic: int) -> float:
+def make_database(path: Path, page_size: int | None) -> None:
+    """An empty WAL database file with `page_size` bytes a page, which the service then migrates
+    and keeps (a page size is fixed once a file is in WAL mode); None leaves the file to the
+    service, which makes it with its own page size."""
+    if page_size is None:
+        return
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(f"PRAGMA page_size = {int(page_size)}")
+        conn.execute("PRAGMA journal_mode = WAL")  # writes the header: the page size is now the file's
+        if conn.execute("PRAGMA page_size").fetchone()[0] != page_size:
+            raise BenchError(f"{path} was not made with {page_size}-byte pages (does it exist already?)")
+    finally:
+        conn.close()
+
+
+def add_page_size_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--page-size", type=int, default=None, metavar="BYTES",
+                   help="make our database with this page size (default: the service's own)")
+
+
+def prefill(db_path: Path, clinics: int, per_clinic: int, page_size: int | None = None) -> float:
     """Store clinics*per_clinic records (records_gen.prefill_records) through Store.insert, as the
-    service stores them; return the seconds it took."""
+    service stores them, in a database made with `page_size`; return the seconds it took."""
     from records_service.store.sqlite import SQLiteStore as Store
     from records_service.validate import validate_record
 
+    make_database(db_path, page_size)
     started = time.perf_counter()
     store = Store(str(db_path), synchronous="NORMAL")
     store.open()

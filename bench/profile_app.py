@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import records_gen
-from common import ROOT, prefill, profile_summary, py_spy_binary  # common also puts ROOT on sys.path
+from common import ROOT, add_page_size_argument, prefill, profile_summary, py_spy_binary  # common also puts ROOT on sys.path
 
 
 def environ(method: str, path: str, query: str = "", body: bytes = b"") -> dict:
@@ -108,6 +108,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--py-spy", action="store_true", help="profile ours with py-spy (attaches to this process)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--keep-tmp", action="store_true")
+    add_page_size_argument(p)
     args = p.parse_args(argv)
     scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
     clinics = records_gen.CLINICS
@@ -116,7 +117,7 @@ def main(argv: list[str]) -> int:
     try:
         db = tmp / "records.db"
         print(f"pre-filling {clinics * args.per_clinic:,} records ... ", end="", flush=True)
-        print(f"{prefill(db, clinics, args.per_clinic):.1f}s")
+        print(f"{prefill(db, clinics, args.per_clinic, args.page_size):.1f}s")
 
         # Our app as gunicorn runs it: settings from the environment, JSON logs on stderr (a file).
         os.environ.update({"RECORDS_DB_PATH": str(db), "RECORDS_AUTH": "disabled", "RECORDS_LOG_LEVEL": "INFO",
