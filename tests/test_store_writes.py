@@ -6,12 +6,17 @@ from __future__ import annotations
 import fcntl
 import multiprocessing
 import os
+import random
 import sqlite3
 import time
+import uuid
+from datetime import datetime, timezone
 
 import pytest
 
+from records_service.seed import clinic_ids, seed_rows_in_key_order
 from records_service.store import DuplicateRecord, StoreBusy
+import records_service.store.sqlite as sqlite_engine
 from records_service.store.sqlite import connection as store_module
 from records_service.store.sqlite import SQLiteStore as Store
 
@@ -40,6 +45,41 @@ def test_commits_stay_in_the_wal_until_enough_commits_and_time_have_passed(tmp_p
 
     store.insert(make("last"), request_id="r", now="2025-06-01T00:00:00.000Z")
     assert os.path.getsize(path) > size_before, "no checkpoint after the number of commits and the interval"
+
+
+def test_a_single_record_insert_that_splits_no_leaf_writes_one_page_of_each_of_its_four_b_trees(tmp_path,
+                                                                                               monkeypatch):
+    """What a POST writes at 100,000 records (issue 14): a page of the table and of the test_id,
+    request and patient indexes, and nothing else (no counter, no page 1), when no leaf splits;
+    a split adds its pages. Counted from the WAL, each insert alone after a checkpoint, with
+    random UUIDs as the service makes them."""
+    for knob in ("FOLD_EVERY_S", "FOLD_EVERY_RECORDS"):
+        monkeypatch.setattr(sqlite_engine, knob, float("inf"))  # a fold is a write of its own
+    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY_COMMITS", float("inf"))
+    path = tmp_path / "r.db"
+    store = Store(str(path))
+    for _ in store.bulk_insert(seed_rows_in_key_order(100_000, 500, datetime.now(timezone.utc), rng_seed=1)):
+        pass
+    conn = store._db.connection()
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    rng = random.Random(2)
+    clinics = clinic_ids(500)
+
+    def insert_one() -> None:
+        record = {**make(str(uuid.UUID(int=rng.getrandbits(128), version=4))), "clinic_id": rng.choice(clinics),
+                  "patient_id": f"P{rng.randrange(1, 100_000):06d}"}
+        store.insert(record, request_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                     now="2025-06-01T00:00:00.000Z")
+
+    for n in range(1000):  # a seed packs every leaf full: the first insert into each one splits it
+        insert_one()
+    frames = []
+    for n in range(50):
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        insert_one()
+        frames.append((os.path.getsize(f"{path}-wal") - 32) // (page_size + 24))
+    assert min(frames) == 4 and frames.count(4) >= 10, f"frames of each insert: {sorted(frames)}"
+    store.close()
 
 
 def wal_generation(path) -> bytes:
