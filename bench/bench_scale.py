@@ -47,7 +47,8 @@ from urllib.parse import quote
 
 from common import (BENCH_DIR, ROOT, BenchError, Run, Server, add_page_size_argument, add_with_sql_argument,
                     clean_env, finish, free_port, gunicorn_argv, load_arguments, log, make_database, measure,
-                    parse_load_arguments, profile_summary, py_spy, py_spy_done, run_benchmark, server_settings, summarise, with_sql, wrk_once)
+                    parse_load_arguments, profile_summary, py_spy, py_spy_done, run_benchmark, server_settings,
+                    summarise, with_sql, wrk_once)
 from records_service import seed  # common put the repository on sys.path
 from records_service.store.sqlite import records as store
 
