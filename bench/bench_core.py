@@ -51,7 +51,8 @@ from pathlib import Path
 import records_gen
 from common import (BENCH_DIR, BenchError, Run, Server, add_page_size_argument, add_with_sql_argument, clean_env,
                     free_port, gunicorn_argv, load_arguments, log, measure, noisy_warning, pair_ratios,
-                    parse_load_arguments, prefill, profile_summary, py_spy, py_spy_done, run_benchmark, server_settings, summarise, with_sql, wrk_once)
+                    parse_load_arguments, prefill, profile_summary, py_spy, py_spy_done, run_benchmark, server_settings,
+                    summarise, with_sql, wrk_once)
 
 TARGETS = {"POST": 0.60, "GET": 0.50}
 AUTH_TARGET = 0.90  # ours-auth keeps at least 90% of ours' requests/s

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 import records_gen
-from common import add_page_size_argument, log, log_command, prefill, wal_frames_and_commits, write_alone  # common puts the repository on sys.path
+from common import (add_page_size_argument, log, log_command, prefill,  # common puts the repository on sys.path
+                    wal_frames_and_commits, write_alone)
 from profile_app import environ, make_requests
 
 

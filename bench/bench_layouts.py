@@ -462,7 +462,8 @@ def main() -> int:
     p.add_argument("--queries", type=int, default=2000, help="page queries per filter and mmap setting")
     p.add_argument("--chunk", type=int, default=1000, help="rows per transaction while loading")
     p.add_argument("--tmpdir", default=None, help="where the scratch databases go")
-    p.add_argument("--page-size", type=int, default=None, help="page size of every database made (default: SQLite's, 4096)")
+    p.add_argument("--page-size", type=int, default=None,
+                   help="page size of every database made (default: SQLite's, 4096)")
     p.add_argument("--frames-clinic", default=None, metavar="CLINIC",
                    help="every single insert into this clinic (e.g. C0001, the largest): a clinic's steady state, "
                         "rather than the first insert into each of many clinics after the load")

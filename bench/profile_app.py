@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 import records_gen
-from common import ROOT, add_page_size_argument, prefill, profile_summary, py_spy_binary  # common also puts ROOT on sys.path
+from common import (ROOT, add_page_size_argument, prefill, profile_summary,  # common also puts ROOT on sys.path
+                    py_spy_binary)
 
 
 def environ(method: str, path: str, query: str = "", body: bytes = b"") -> dict:
