@@ -37,12 +37,18 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import (add_page_size_argument, log, log_command, make_database,  # common puts the repository on sys.path
+# common puts the repository on sys.path
+from common import (WAL_FRAME_HEADER, WAL_HEADER, add_page_size_argument, log, log_command, make_database,
                     wal_frames_and_commits, wal_page_owners, write_alone)
 from records_service.seed import clinic_ids, seed_rows_in_key_order
 from records_service.store.sqlite import SQLiteStore
 import records_service.store.sqlite as sqlite_engine
 from records_service.store.sqlite import connection as sqlite_connection
+
+
+def random_uuid(rng: random.Random) -> str:
+    """A version-4 UUID drawn from `rng`, as random as the service's own, repeated by a run with the same seed."""
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
 def record(test_id: str, clinic_id: str, collected_at: str = "2025-05-01T10:00:00Z", patient: str = "P-bench") -> dict:
@@ -85,14 +91,14 @@ def main() -> int:
 
         def new_test_id(clinic: str) -> str:
             if args.test_ids == "random":
-                return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+                return random_uuid(rng)
             numbered[clinic] += 1
             return f"{clinic}-T{numbered[clinic]:08d}"
 
         def insert_one(clinic: str) -> None:
             """What one POST /tests stores: the service makes a random (UUID 4) request ID."""
             store.insert(record(new_test_id(clinic), clinic, patient=f"P{rng.randrange(1, 100_000):06d}"),
-                         request_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                         request_id=random_uuid(rng),
                          now="2025-06-01T00:00:00.000Z")
 
         sqlite_engine.FOLD_EVERY_S = 1.0
@@ -101,13 +107,14 @@ def main() -> int:
         for n in range(args.warm):
             before = os.path.getsize(f"{path}-wal")
             insert_one(rng.choice(clinics))
-            total += (os.path.getsize(f"{path}-wal") - before) // (page_size + 24)
+            total += (os.path.getsize(f"{path}-wal") - before) // (page_size + WAL_FRAME_HEADER)
             if os.path.getsize(f"{path}-wal") > 64 << 20:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         log(f"WAL frames per insert, amortised with the counters' folds over {args.warm:,} inserts: {total / args.warm:.2f}"
             " (appended frames; a WAL restart after a checkpoint rewrites from the start and is not counted)")
 
-        sqlite_engine.FOLD_EVERY_S = sqlite_engine.FOLD_EVERY_RECORDS = float("inf")  # each insert alone: folds are measured above
+        # Each insert alone: the folds were measured above.
+        sqlite_engine.FOLD_EVERY_S = sqlite_engine.FOLD_EVERY_RECORDS = float("inf")
         frames, by_object = [], Counter()
         for n in range(200):
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
@@ -191,14 +198,14 @@ def batch_wal_bytes(store: SQLiteStore, path: Path, page_size: int, clinics: lis
     for n in range(12):
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         one = rng.choice(clinics)
-        batch = [record(str(uuid.UUID(int=rng.getrandbits(128), version=4)), rng.choice(clinics) if mixed else one,
+        batch = [record(random_uuid(rng), rng.choice(clinics) if mixed else one,
                         patient=f"P{rng.randrange(1, 100_000):06d}") for _ in range(1000)]
-        store.insert_batch(batch, request_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+        store.insert_batch(batch, request_id=random_uuid(rng),
                            now="2025-06-01T00:00:00.000Z", atomic=False)
         sizes.append(os.path.getsize(f"{path}-wal"))
     size = statistics.median(sizes)
     log(f"a batch of 1,000 records for {'random clinics' if mixed else 'one clinic'}: {size / 1e6:.2f} MB of WAL, "
-        f"{(size - 32) // (page_size + 24):,.0f} frames (median of 12)")
+        f"{(size - WAL_HEADER) // (page_size + WAL_FRAME_HEADER):,.0f} frames (median of 12)")
 
 
 if __name__ == "__main__":

@@ -686,8 +686,8 @@ def wal_frames_and_commits(wal: Path, page_size: int) -> tuple[int, int]:
     database size after the commit, is non-zero only there)."""
     frames = commits = 0
     with open(wal, "rb") as f:
-        f.seek(32)
-        while len(header := f.read(24)) == 24:
+        f.seek(WAL_HEADER)
+        while len(header := f.read(WAL_FRAME_HEADER)) == WAL_FRAME_HEADER:
             frames += 1
             commits += struct.unpack(">II", header[:8])[1] != 0
             f.seek(page_size, os.SEEK_CUR)
