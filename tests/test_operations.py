@@ -10,6 +10,7 @@ import subprocess
 import sys
 from datetime import timedelta
 from html.parser import HTMLParser
+from pathlib import Path
 
 import falcon.testing
 import pytest
@@ -76,23 +77,33 @@ def test_ready_is_503_when_the_file_is_not_a_database(tmp_path):
     assert path.read_bytes().startswith(b"this is not")  # and nothing overwrote it
 
 
-def test_ready_is_503_when_the_directory_is_removed_under_the_running_app(tmp_path, record):
+@pytest.fixture(params=["absolute", "relative"], ids=["absolute path", "relative to a working directory"])
+def data_dir_client(request, tmp_path, monkeypatch) -> tuple[Path, falcon.testing.TestClient]:
+    """The app on a database in its own directory, named by an absolute path, or, as the README's
+    default `records.db` is, relative to the working directory, which is then that directory."""
     data = tmp_path / "data"
     data.mkdir()
-    client = falcon.testing.TestClient(create_app(Settings(db_path=str(data / "r.db"), auth="disabled")))
+    db_path = str(data / "r.db")
+    if request.param == "relative":
+        monkeypatch.chdir(data)
+        db_path = "r.db"
+    return data, falcon.testing.TestClient(create_app(Settings(db_path=db_path, auth="disabled")))
+
+
+def test_ready_is_503_when_the_directory_is_removed_under_the_running_app(data_dir_client, record):
+    data, client = data_dir_client
     assert post(client, record).status_code == 201
     assert client.simulate_get("/ready").status_code == 200
     shutil.rmtree(data)
     assert_not_ready(client.simulate_get("/ready"), "unavailable")
 
 
-def test_writes_stop_once_the_directory_is_removed_instead_of_going_into_the_unlinked_file(tmp_path, record):
-    data = tmp_path / "data"
-    data.mkdir()
-    client = falcon.testing.TestClient(create_app(Settings(db_path=str(data / "r.db"), auth="disabled")))
+def test_writes_stop_once_the_directory_is_removed_instead_of_going_into_the_unlinked_file(data_dir_client, record):
+    data, client = data_dir_client
     assert post(client, record).status_code == 201
     shutil.rmtree(data)
     assert_problem(post(client, {**record, "test_id": "after"}), 503)
+    assert_problem(client.simulate_get("/tests", params={"clinic_id": record["clinic_id"]}), 503)
 
 
 _READY = """

@@ -36,8 +36,8 @@ class SQLiteStore(EngineStore):
 
     def __init__(self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000,
                  writers: int | None = None) -> None:
-        self.path = path
         self._db = Database(path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)
+        self.path = self._db.path
         self._busy_timeout_ms = busy_timeout_ms
         self._slots = WriterSlots(writers)
         self._touched: set[str] = set()

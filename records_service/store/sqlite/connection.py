@@ -83,7 +83,9 @@ class Database:
     """One SQLite database file as this process sees it: a connection per thread, writes in turns."""
 
     def __init__(self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000) -> None:
-        self.path = path
+        # Resolved once: a relative path names a file in the working directory at start, and
+        # resolving it later fails once that directory is gone (the error said so with a 500).
+        self.path = os.path.abspath(path)
         self.busy_timeout_ms = busy_timeout_ms
         self._synchronous = "FULL" if synchronous == "FULL" else "NORMAL"
         self._local = _ThreadState()
@@ -174,7 +176,7 @@ class Database:
                 # A database that cannot be written can still be read: flock needs no write access.
                 return os.open(lock_path, os.O_RDONLY)
         except OSError as exc:
-            directory = os.path.dirname(os.path.abspath(lock_path))
+            directory = os.path.dirname(lock_path)
             if exc.errno == errno.ENOENT and not os.path.isdir(directory):
                 raise StoreUnavailable(f"the database's directory {directory} does not exist (the database is"
                                        f" {self.path}): create it, or set RECORDS_DB_PATH to a file in a directory"
@@ -353,7 +355,7 @@ class Database:
 
     def free_bytes(self) -> int:
         """Free space on the file system holding the database, for a non-root writer."""
-        directory = os.path.dirname(os.path.abspath(self.path))
+        directory = os.path.dirname(self.path)
         try:
             stat = os.statvfs(directory)
         except OSError as exc:
